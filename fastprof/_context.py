@@ -1,0 +1,100 @@
+"""Per-request state shared by fastprof's components.
+
+The middleware creates one :class:`RequestState` per HTTP request and publishes
+it in the :data:`current_request` ContextVar (set with a token and reset in
+``finally``) and in ``scope["fastprof.request"]``. The object is mutable so
+that writes made in worker threads (sync dependencies) and in later phases
+(yield-dependency teardown) are seen by the request's owner.
+
+Everything stored here is bounded: timings are kept up to
+:data:`MAX_TIMINGS` entries.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+__all__ = ["MAX_TIMINGS", "SCOPE_KEY", "RequestState", "Timing", "current_request"]
+
+SCOPE_KEY = "fastprof.request"
+MAX_TIMINGS = 64
+
+
+class Timing:
+    """One timed piece of a request (a dependency, its teardown, a phase)."""
+
+    __slots__ = ("duration_s", "kind", "name", "threadpool_wait_s")
+
+    def __init__(
+        self, name: str, kind: str, duration_s: float, threadpool_wait_s: float = 0.0
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.duration_s = duration_s
+        self.threadpool_wait_s = threadpool_wait_s
+
+    def __repr__(self) -> str:
+        return f"Timing({self.name!r}, {self.kind!r}, {self.duration_s:.6f})"
+
+
+class RequestState:
+    """What fastprof knows about one in-flight request."""
+
+    __slots__ = (
+        "blocked_s",
+        "dependency_spans",
+        "dependency_spans_dropped",
+        "method",
+        "path",
+        "profile_id",
+        "request_id",
+        "route",
+        "span",
+        "start_ns",
+        "status_code",
+        "task",
+        "threadpool_wait_s",
+        "timings",
+        "timings_dropped",
+        "extra",
+    )
+
+    def __init__(self, *, request_id: str, span: Span, method: str, path: str) -> None:
+        self.request_id = request_id
+        self.span = span
+        self.method = method
+        self.path = path
+        self.start_ns = time.perf_counter_ns()
+        self.route: str | None = None
+        self.status_code: int | None = None
+        self.dependency_spans = 0
+        self.dependency_spans_dropped = 0
+        self.timings: list[Timing] = []
+        self.timings_dropped = 0
+        self.threadpool_wait_s = 0.0
+        self.blocked_s = 0.0
+        self.profile_id: str | None = None
+        self.task: Any = None
+        self.extra: dict[str, Any] | None = None
+
+    def add_timing(self, timing: Timing) -> None:
+        """Record a timing, bounded by :data:`MAX_TIMINGS`."""
+        if len(self.timings) < MAX_TIMINGS:
+            self.timings.append(timing)
+        else:
+            self.timings_dropped += 1
+        self.threadpool_wait_s += timing.threadpool_wait_s
+
+    def elapsed_s(self) -> float:
+        """Seconds since the request started."""
+        return (time.perf_counter_ns() - self.start_ns) / 1e9
+
+
+current_request: ContextVar[RequestState | None] = ContextVar(
+    "fastprof_current_request", default=None
+)

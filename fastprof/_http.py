@@ -1,0 +1,182 @@
+"""HTTP helpers for the SERVER span: header access, propagation, semantic conventions.
+
+Header bytes are decoded as latin-1 (never raises) and values are length-checked
+before anything parses them (FM-15). Everything here is pure and cheap.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, Final, Literal
+from urllib.parse import parse_qsl, quote
+
+from opentelemetry import propagate
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
+
+__all__ = [
+    "KNOWN_METHODS",
+    "MAX_PROPAGATION_HEADER_BYTES",
+    "QueryPolicy",
+    "RawHeaders",
+    "extract_context",
+    "find_header",
+    "redact_query",
+    "server_address",
+    "truncate",
+    "valid_request_id",
+]
+
+RawHeaders = list[tuple[bytes, bytes]]
+QueryPolicy = Literal["redact_sensitive", "redact_all", "omit"]
+
+KNOWN_METHODS: Final = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"}
+)
+
+#: Propagation headers longer than this are ignored (W3C tracestate is capped at
+#: 512 characters, OTel's baggage propagator at 8192 bytes).
+MAX_PROPAGATION_HEADER_BYTES: Final = 8192
+
+#: Query keys whose values are replaced by ``REDACTED`` (OTel URL semantic
+#: conventions list the first five; the rest are common credentials).
+SENSITIVE_QUERY_KEYS: Final = frozenset(
+    k.lower()
+    for k in (
+        "AWSAccessKeyId",
+        "Signature",
+        "sig",
+        "X-Goog-Signature",
+        "X-Amz-Signature",
+        "X-Amz-Credential",
+        "X-Amz-Security-Token",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "api_key",
+        "apikey",
+        "key",
+        "password",
+        "passwd",
+        "secret",
+        "client_secret",
+        "code",
+        "auth",
+        "authorization",
+        "session",
+        "fastprof_token",
+    )
+)
+
+_REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def find_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """Return the first value of header ``name`` (lower-case bytes), or ``None``."""
+    for key, value in headers:
+        if key == name or key.lower() == name:
+            return value
+    return None
+
+
+class _RawHeadersGetter(Getter[RawHeaders]):
+    """Read propagation headers straight from the ASGI header list."""
+
+    def get(self, carrier: RawHeaders, key: str) -> list[str] | None:
+        name = key.lower().encode("latin-1")
+        values: list[str] = []
+        for raw_key, raw_value in carrier:
+            if raw_key == name or raw_key.lower() == name:
+                if len(raw_value) > MAX_PROPAGATION_HEADER_BYTES:
+                    return None  # oversized: ignore the header entirely
+                values.append(raw_value.decode("latin-1"))
+        if not values:
+            return None
+        if key.lower() == "baggage" and len(values) > 1:
+            return [",".join(values)]
+        return values
+
+    def keys(self, carrier: RawHeaders) -> list[str]:
+        return [k.decode("latin-1") for k, _ in carrier]
+
+
+_GETTER: Final = _RawHeadersGetter()
+
+
+def extract_context(headers: RawHeaders) -> Context | None:
+    """Extract the remote parent with the global propagator.
+
+    Malformed, oversized or duplicated-and-conflicting values give an empty
+    context (a new root); a propagator that raises is treated the same way.
+    """
+    try:
+        return propagate.extract(headers, getter=_GETTER)
+    except Exception:
+        return None
+
+
+def redact_query(query: bytes, policy: QueryPolicy, limit: int) -> str | None:
+    """Return ``url.query`` under ``policy``, or ``None`` when it must be omitted."""
+    if not query or policy == "omit":
+        return None
+    text = query[: limit * 2].decode("latin-1")
+    parts = []
+    for key, value in parse_qsl(text, keep_blank_values=True):
+        if policy == "redact_all" or key.lower() in SENSITIVE_QUERY_KEYS:
+            value = "REDACTED"
+        parts.append(f"{quote(key, safe='')}={quote(value, safe='')}")
+    return truncate("&".join(parts), limit)
+
+
+def server_address(
+    host: bytes | None, server: tuple[str, int | None] | None, scheme: str
+) -> tuple[str | None, int | None]:
+    """``server.address``/``server.port`` from the Host header, else the ASGI ``server``."""
+    if host:
+        text = host.decode("latin-1")
+        if len(text) > 255 or any(c in text for c in "/?#@ \t"):
+            return None, None
+        if text.startswith("["):  # IPv6 literal
+            end = text.find("]")
+            if end == -1:
+                return None, None
+            address, rest = text[1:end], text[end + 1 :]
+            port_text = rest[1:] if rest.startswith(":") else ""
+        else:
+            address, _, port_text = text.partition(":")
+        port: int | None
+        if port_text:
+            if not port_text.isdigit() or len(port_text) > 5:
+                return None, None
+            port = int(port_text)
+        else:
+            port = 443 if scheme in ("https", "wss") else 80
+        return (address or None), port
+    if server:
+        return server[0], server[1]
+    return None, None
+
+
+def valid_request_id(raw: bytes | None) -> str | None:
+    """Accept an incoming request id only if it is short and plain."""
+    if raw is None or len(raw) > 128:
+        return None
+    text = raw.decode("latin-1")
+    return text if _REQUEST_ID_RE.fullmatch(text) else None
+
+
+def truncate(value: str, limit: int) -> str:
+    """Cut ``value`` to ``limit`` characters."""
+    return value if len(value) <= limit else value[:limit]
+
+
+def method_attributes(method: str) -> tuple[str, dict[str, Any]]:
+    """Return (span name method, method attributes) for ``method``."""
+    if method in KNOWN_METHODS:
+        return method, {"http.request.method": method}
+    return "HTTP", {
+        "http.request.method": "_OTHER",
+        "http.request.method_original": truncate(method, 64),
+    }

@@ -1,0 +1,58 @@
+"""``fastprof.instrument(app)``: one call that sets fastprof up on an application."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TypeVar
+
+from opentelemetry.trace import TracerProvider
+from starlette.applications import Starlette
+
+from fastprof._http import QueryPolicy
+from fastprof.middleware import ExcludeOption, FastprofMiddleware, RequestHooks
+
+__all__ = ["instrument"]
+
+AppT = TypeVar("AppT", bound=Starlette)
+
+_MARKER = "_fastprof_instrumented"
+
+
+def instrument(
+    app: AppT,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    exclude: ExcludeOption = None,
+    request_id_header: str | None = "x-request-id",
+    response_request_id_header: str | None = None,
+    query: QueryPolicy = "redact_sensitive",
+    max_attribute_length: int = 2048,
+    hooks: Iterable[RequestHooks] = (),
+) -> AppT:
+    """Instrument a Starlette or FastAPI application in place and return it.
+
+    Adds :class:`~fastprof.middleware.FastprofMiddleware` as the outermost user
+    middleware. Calling it twice on the same app is a no-op. Options are
+    validated now: a bad value raises ``ValueError`` naming the option.
+    """
+    if not isinstance(app, Starlette):
+        raise ValueError(
+            "instrument() takes a Starlette or FastAPI application; for any other ASGI app "
+            "wrap it instead: app = fastprof.FastprofMiddleware(app)"
+        )
+    if getattr(app, _MARKER, False):
+        return app
+    options = {
+        "tracer_provider": tracer_provider,
+        "exclude": exclude,
+        "request_id_header": request_id_header,
+        "response_request_id_header": response_request_id_header,
+        "query": query,
+        "max_attribute_length": max_attribute_length,
+        "hooks": tuple(hooks),
+    }
+    # Validate now, at start-up, rather than when Starlette builds the stack.
+    FastprofMiddleware(app, **options)  # type: ignore[arg-type]
+    app.add_middleware(FastprofMiddleware, **options)  # type: ignore[arg-type]
+    setattr(app, _MARKER, True)
+    return app

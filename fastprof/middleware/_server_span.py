@@ -1,0 +1,442 @@
+"""The pure-ASGI middleware that owns (or enriches) the SERVER span of a request."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fastprof import _internal_errors
+from fastprof.__about__ import __version__
+from fastprof._context import SCOPE_KEY, RequestState, current_request
+from fastprof._http import (
+    QueryPolicy,
+    extract_context,
+    find_header,
+    method_attributes,
+    redact_query,
+    server_address,
+    truncate,
+    valid_request_id,
+)
+from fastprof._routes import resolve_route
+
+__all__ = ["ExcludeOption", "FastprofMiddleware", "RequestHooks"]
+
+ExcludeOption = (
+    Iterable[str] | str | re.Pattern[str] | Callable[[Scope], bool] | None
+)
+
+TRACER_NAME: Final = "fastprof"
+_QUERY_POLICIES: Final = ("redact_sensitive", "redact_all", "omit")
+
+
+class RequestHooks:
+    """Extension points the middleware calls for each traced request.
+
+    Components (profiling, loop monitoring, slow-request log) subclass this and
+    override what they need. Every call is guarded: a hook that raises is
+    reported and skipped, never propagated into the request.
+    """
+
+    def on_request_start(self, state: RequestState, scope: Scope) -> None:
+        """Called in the request's task before the application runs."""
+
+    def on_response_start(self, state: RequestState, message: Message) -> None:
+        """Called before ``http.response.start`` is sent; may append headers."""
+
+    def on_request_end(self, state: RequestState) -> None:
+        """Called in the request's task once the response is complete (or failed)."""
+
+
+def _compile_exclude(exclude: ExcludeOption) -> Callable[[Scope], bool] | None:
+    if exclude is None:
+        return None
+    if callable(exclude) and not isinstance(exclude, re.Pattern):
+        return exclude
+    if isinstance(exclude, re.Pattern):
+        pattern = exclude
+        return lambda scope: pattern.search(scope.get("path", "")) is not None
+    if isinstance(exclude, str):
+        try:
+            pattern = re.compile(exclude)
+        except re.error as exc:
+            raise ValueError(f"exclude: invalid regular expression {exclude!r}: {exc}") from exc
+        return lambda scope: pattern.search(scope.get("path", "")) is not None
+    try:
+        paths = frozenset(exclude)
+    except TypeError:
+        raise ValueError(
+            "exclude: expected a list of paths, a regex (str or re.Pattern) or a callable "
+            f"taking the ASGI scope, got {type(exclude).__name__}"
+        ) from None
+    if not all(isinstance(p, str) and p.startswith("/") for p in paths):
+        raise ValueError("exclude: every path in the list must be a string starting with '/'")
+    return lambda scope: scope.get("path") in paths
+
+
+class FastprofMiddleware:
+    """Trace every HTTP request with one OpenTelemetry SERVER span.
+
+    Usage::
+
+        app.add_middleware(FastprofMiddleware)            # Starlette / FastAPI
+        app = FastprofMiddleware(app, tracer_provider=tp)  # any ASGI app
+
+    When another layer already owns the request's SERVER span (FastAPI's native
+    telemetry, OpenTelemetry's contrib ASGI/FastAPI instrumentation), fastprof
+    enriches that span instead of creating a second one.
+
+    Lifespan and websocket scopes pass through untouched.
+
+    Args:
+        app: The ASGI application to wrap.
+        tracer_provider: Provider for fastprof's spans; defaults to the global one.
+        exclude: Paths not to trace: a list of exact paths, a regular expression
+            searched in the path, or a callable receiving the ASGI scope.
+        request_id_header: Incoming header holding a request id to reuse (validated:
+            1-128 characters of ``[A-Za-z0-9._:-]``); ``None`` always generates one.
+        response_request_id_header: If set, the request id is returned in this
+            response header. Off by default: fastprof changes no response.
+        query: How ``url.query`` is recorded: ``"redact_sensitive"`` (values of
+            credential-like keys become ``REDACTED``), ``"redact_all"`` or ``"omit"``.
+        max_attribute_length: Longest string fastprof records in an attribute.
+        hooks: Extra per-request components (see :class:`RequestHooks`).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        exclude: ExcludeOption = None,
+        request_id_header: str | None = "x-request-id",
+        response_request_id_header: str | None = None,
+        query: QueryPolicy = "redact_sensitive",
+        max_attribute_length: int = 2048,
+        hooks: Iterable[RequestHooks] = (),
+    ) -> None:
+        if tracer_provider is not None and not hasattr(tracer_provider, "get_tracer"):
+            raise ValueError(
+                "tracer_provider: expected an opentelemetry TracerProvider, "
+                f"got {type(tracer_provider).__name__}"
+            )
+        if query not in _QUERY_POLICIES:
+            raise ValueError(f"query: expected one of {_QUERY_POLICIES}, got {query!r}")
+        if not isinstance(max_attribute_length, int) or not 16 <= max_attribute_length <= 65536:
+            raise ValueError("max_attribute_length: expected an int between 16 and 65536")
+        for name, header in (
+            ("request_id_header", request_id_header),
+            ("response_request_id_header", response_request_id_header),
+        ):
+            if header is not None and (
+                not isinstance(header, str) or not re.fullmatch(r"[A-Za-z0-9\-]{1,64}", header)
+            ):
+                raise ValueError(f"{name}: expected a header name like 'X-Request-ID', got {header!r}")
+        hooks = tuple(hooks)
+        for hook in hooks:
+            if not isinstance(hook, RequestHooks):
+                raise ValueError(f"hooks: {hook!r} is not a fastprof RequestHooks")
+        self.app = app
+        self._tracer = (
+            tracer_provider.get_tracer(TRACER_NAME, __version__)
+            if tracer_provider is not None
+            else trace.get_tracer(TRACER_NAME, __version__)
+        )
+        self._exclude = _compile_exclude(exclude)
+        self._request_id_header = (
+            request_id_header.lower().encode("latin-1") if request_id_header else None
+        )
+        self._response_request_id_header = (
+            response_request_id_header.lower().encode("latin-1")
+            if response_request_id_header
+            else None
+        )
+        self._query: QueryPolicy = query
+        self._limit = max_attribute_length
+        self._hooks = hooks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or SCOPE_KEY in scope:
+            await self.app(scope, receive, send)
+            return
+        if self._exclude is not None:
+            try:
+                excluded = self._exclude(scope)
+            except Exception as exc:
+                _internal_errors.report("exclude", exc)
+                excluded = False
+            if excluded:
+                await self.app(scope, receive, send)
+                return
+        try:
+            request = _Request(self, scope)
+        except Exception as exc:
+            _internal_errors.report("request_start", exc)
+            await self.app(scope, receive, send)
+            return
+        await request.run(self.app, scope, receive, send)
+
+
+class _Request:
+    """The per-request bookkeeping of :class:`FastprofMiddleware`."""
+
+    __slots__ = (
+        "_completed",
+        "_context_token",
+        "_disconnected",
+        "_finished",
+        "_mw",
+        "_owned",
+        "_response_started",
+        "_state_token",
+        "_trailers",
+        "entry_path",
+        "entry_root_path",
+        "state",
+    )
+
+    def __init__(self, mw: FastprofMiddleware, scope: Scope) -> None:
+        self._mw = mw
+        self._finished = False
+        self._completed = False
+        self._trailers = False
+        self._disconnected = False
+        self._response_started = False
+        headers = scope.get("headers") or []
+        method = scope.get("method", "GET")
+        self.entry_path = scope.get("path", "")
+        self.entry_root_path = scope.get("root_path", "")
+
+        span = _foreign_server_span(scope)
+        self._owned = span is None
+        if span is None:
+            parent = extract_context(headers)
+            span_method, method_attrs = method_attributes(method)
+            span = mw._tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
+            if span.is_recording():
+                span.set_attributes(self._request_attributes(scope, headers, method_attrs))
+            ctx = trace.set_span_in_context(span, parent)
+        else:
+            ctx = None
+        request_id = None
+        if mw._request_id_header is not None:
+            request_id = valid_request_id(find_header(headers, mw._request_id_header))
+        if request_id is None:
+            request_id = os.urandom(8).hex()
+        if span.is_recording():
+            span.set_attribute("fastprof.request_id", request_id)
+        self.state = RequestState(
+            request_id=request_id, span=span, method=method, path=self.entry_path
+        )
+        scope[SCOPE_KEY] = self.state
+        self._state_token = current_request.set(self.state)
+        self._context_token = otel_context.attach(ctx) if ctx is not None else None
+
+    def _request_attributes(
+        self, scope: Scope, headers: list[tuple[bytes, bytes]], attrs: dict[str, Any]
+    ) -> dict[str, Any]:
+        limit = self._mw._limit
+        scheme = scope.get("scheme", "http")
+        attrs["url.scheme"] = scheme
+        attrs["url.path"] = truncate(scope.get("path", ""), limit)
+        query = redact_query(scope.get("query_string", b""), self._mw._query, limit)
+        if query is not None:
+            attrs["url.query"] = query
+        version = scope.get("http_version")
+        if version:
+            attrs["network.protocol.version"] = version
+        address, port = server_address(find_header(headers, b"host"), scope.get("server"), scheme)
+        if address is not None:
+            attrs["server.address"] = truncate(address, limit)
+            if port is not None:
+                attrs["server.port"] = port
+        client = scope.get("client")
+        if client:
+            attrs["client.address"] = client[0]
+            if client[1] is not None:
+                attrs["client.port"] = client[1]
+        user_agent = find_header(headers, b"user-agent")
+        if user_agent is not None:
+            attrs["user_agent.original"] = truncate(user_agent.decode("latin-1"), limit)
+        return attrs
+
+    async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        hooks = self._mw._hooks
+        for hook in hooks:
+            try:
+                hook.on_request_start(self.state, scope)
+            except Exception as exc:
+                _internal_errors.report("hook.on_request_start", exc)
+        try:
+            await app(scope, self._receive_wrapper(receive), self._send_wrapper(scope, send))
+        except BaseException as exc:
+            self._finish(scope, exc)
+            raise
+        else:
+            if not self._finished:
+                self._finish(scope, None)
+        finally:
+            if self._context_token is not None:
+                try:
+                    otel_context.detach(self._context_token)
+                except Exception as exc:  # pragma: no cover - defensive
+                    _internal_errors.report("context_detach", exc)
+            current_request.reset(self._state_token)
+
+    def _receive_wrapper(self, receive: Receive) -> Receive:
+        async def wrapped_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._disconnected = True
+            return message
+
+        return wrapped_receive
+
+    def _send_wrapper(self, scope: Scope, send: Send) -> Callable[[Message], Awaitable[None]]:
+        hooks = self._mw._hooks
+        response_header = self._mw._response_request_id_header
+
+        async def wrapped_send(message: Message) -> None:
+            message_type = message["type"]
+            final = False
+            if message_type == "http.response.start":
+                try:
+                    self._on_response_start(message, hooks, response_header)
+                except Exception as exc:
+                    _internal_errors.report("response_start", exc)
+            elif message_type == "http.response.body":
+                final = not message.get("more_body", False) and not self._trailers
+            elif message_type == "http.response.trailers":
+                final = not message.get("more_trailers", False)
+            elif message_type == "http.response.pathsend":
+                final = True
+            await send(message)
+            if final:
+                self._completed = True
+                self._finish(scope, None)
+
+        return wrapped_send
+
+    def _on_response_start(
+        self,
+        message: Message,
+        hooks: tuple[RequestHooks, ...],
+        response_header: bytes | None,
+    ) -> None:
+        state = self.state
+        self._response_started = True
+        self._trailers = bool(message.get("trailers", False))
+        state.status_code = message.get("status")
+        span = state.span
+        if span.is_recording():
+            span.set_attribute("fastprof.time_to_response_start_s", state.elapsed_s())
+        if response_header is not None:
+            headers = list(message.get("headers", []))
+            headers.append((response_header, state.request_id.encode("latin-1")))
+            message["headers"] = headers
+        for hook in hooks:
+            try:
+                hook.on_response_start(state, message)
+            except Exception as exc:
+                _internal_errors.report("hook.on_response_start", exc)
+
+    def _finish(self, scope: Scope, error: BaseException | None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        state = self.state
+        try:
+            state.route = resolve_route(scope, self.entry_root_path, self.entry_path)
+            span = state.span
+            if span.is_recording():
+                self._annotate(span, error)
+        except Exception as exc:
+            _internal_errors.report("request_end", exc)
+        for hook in self._mw._hooks:
+            try:
+                hook.on_request_end(state)
+            except Exception as exc:
+                _internal_errors.report("hook.on_request_end", exc)
+        if self._owned:
+            try:
+                state.span.end()
+            except Exception as exc:  # pragma: no cover - SDK failure
+                _internal_errors.report("span_end", exc)
+
+    def _annotate(self, span: trace.Span, error: BaseException | None) -> None:
+        state = self.state
+        limit = self._mw._limit
+        if self._disconnected and not self._completed:
+            span.set_attribute("fastprof.client_disconnected", True)
+        if not self._owned:
+            return
+        attrs: dict[str, Any] = {}
+        status = state.status_code
+        if error is not None and not self._response_started and isinstance(error, Exception):
+            # Starlette's ServerErrorMiddleware (outside us) turns it into a 500.
+            status = 500
+        if status is not None:
+            attrs["http.response.status_code"] = status
+        if state.route is not None:
+            route = truncate(state.route, limit)
+            attrs["http.route"] = route
+            span_method = span.name if isinstance(getattr(span, "name", None), str) else ""
+            span.update_name(f"{span_method} {route}")
+        error_type: str | None = None
+        if error is not None:
+            if isinstance(error, Exception):
+                error_type = _qualname(error)
+                span.record_exception(error, escaped=True)
+            else:
+                error_type = _qualname(error)
+        elif status is not None and status >= 500:
+            error_type = str(status)
+        elif not self._completed and not self._disconnected:
+            error_type = "incomplete_response"
+        if error_type is not None:
+            attrs["error.type"] = error_type
+            span.set_status(Status(StatusCode.ERROR))
+        span.set_attributes(attrs)
+
+
+def _qualname(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _foreign_server_span(scope: Scope) -> trace.Span | None:
+    """The SERVER span another layer opened for this request, if any.
+
+    FastAPI's native telemetry publishes its request in ``scope["fastapi.telemetry"]``;
+    other instrumentations (OpenTelemetry contrib) make their SERVER span current.
+    A recording SERVER span created by fastprof itself in the ambient context can
+    only be a leak from another request, so it is ignored.
+    """
+    native = scope.get("fastapi.telemetry")
+    native_span = getattr(native, "span", None)
+    if native_span is not None:
+        return native_span  # type: ignore[no-any-return]
+    current = trace.get_current_span()
+    if current.is_recording():
+        if getattr(current, "kind", None) == SpanKind.SERVER:
+            scope_info = getattr(current, "instrumentation_scope", None)
+            if getattr(scope_info, "name", None) != TRACER_NAME:
+                return current
+        return None
+    span_context = current.get_span_context()
+    if span_context.is_valid and not span_context.is_remote and not _is_sdk_span(current):
+        # An unsampled span opened by an outer layer in this request.
+        return current
+    return None
+
+
+def _is_sdk_span(span: trace.Span) -> bool:
+    return hasattr(span, "end_time")
+
