@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ class RequestState:
         "timings",
         "timings_dropped",
         "extra",
+        "current_operation",
+        "worker_hook",
     )
 
     def __init__(self, *, request_id: str, span: Span, method: str, path: str) -> None:
@@ -81,6 +84,14 @@ class RequestState:
         self.profile_id: str | None = None
         self.task: Any = None
         self.extra: dict[str, Any] | None = None
+        #: Name of the dependency/phase currently running on the event loop for
+        #: this request (set by dependency instrumentation; read by the loop
+        #: watchdog from another thread to attribute a block).
+        self.current_operation: str | None = None
+        #: When set (by an active profile), sync work that fastprof runs in a
+        #: worker thread for this request is called as ``worker_hook(fn)``
+        #: instead of ``fn()``, so the profile can cover the worker thread.
+        self.worker_hook: Callable[[Callable[[], Any]], Any] | None = None
 
     def add_timing(self, timing: Timing) -> None:
         """Record a timing, bounded by :data:`MAX_TIMINGS`."""

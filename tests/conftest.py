@@ -1,0 +1,59 @@
+"""Shared fixtures: an SDK tracer provider with an in-memory exporter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from fastprof import _internal_errors
+
+
+class Spans:
+    """An in-memory span sink with a few helpers for assertions."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+
+    def all(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+    def server(self) -> list[ReadableSpan]:
+        return [s for s in self.all() if s.kind == SpanKind.SERVER]
+
+    def named(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.all() if s.name == name]
+
+    def children_of(self, span: ReadableSpan) -> list[ReadableSpan]:
+        assert span.context is not None
+        return [
+            s for s in self.all() if s.parent is not None and s.parent.span_id == span.context.span_id
+        ]
+
+    def clear(self) -> None:
+        self.exporter.clear()
+
+
+@pytest.fixture
+def spans() -> Iterator[Spans]:
+    sink = Spans()
+    yield sink
+    sink.provider.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _reset_internal_errors() -> Iterator[None]:
+    _internal_errors.reset()
+    yield
+    _internal_errors.reset()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
