@@ -19,8 +19,8 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fastprof  # noqa: E402
-from fastprof.exporters import setup_tracing  # noqa: E402
+import fastprof
+from fastprof.exporters import setup_tracing
 
 
 def free_port() -> int:
