@@ -50,7 +50,7 @@ def otlp_span_processor(
         raise ValueError("schedule_delay_s: expected a number of seconds in (0, 60]")
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    except ImportError as exc:
         raise ImportError(
             "OTLP export needs the otlp extra: pip install 'fastprof-asgi[otlp]'"
         ) from exc
