@@ -49,7 +49,9 @@ def instrument(
     if loop_monitor is not None and not isinstance(loop_monitor, LoopMonitor):
         raise ValueError(f"loop_monitor: expected a fastprof.LoopMonitor, got {loop_monitor!r}")
     if slow_requests is not None and not isinstance(slow_requests, SlowRequestLog):
-        raise ValueError(f"slow_requests: expected a fastprof.SlowRequestLog, got {slow_requests!r}")
+        raise ValueError(
+            f"slow_requests: expected a fastprof.SlowRequestLog, got {slow_requests!r}"
+        )
     # The loop monitor runs before the slow-request log so that the log sees
     # the loop-blocked time of the request.
     extra_hooks = tuple(h for h in (loop_monitor, slow_requests) if h is not None)

@@ -56,6 +56,7 @@ BLOCKED_EVENT: Final = "fastprof.loop.blocked"
 MAX_EVENTS_PER_REQUEST: Final = 16
 _MAX_REGISTERED: Final = 100_000
 _LIMITER_REFRESH_S: Final = 1.0
+_LOG_STACK_FRAMES: Final = 8
 
 logger = structlog.get_logger("fastprof.loop")
 
@@ -398,7 +399,8 @@ class LoopMonitor(RequestHooks):
             "in_request": entry is not None,
             "task": task_name,
             "samples": len(samples),
-            "stack": stack_text,
+            # The innermost frames; the span event carries the full bounded stack.
+            "stack": _format_stack(stack[-_LOG_STACK_FRAMES:], self.max_stack_chars),
         }
         if location is not None:
             fields["location"] = f"{location[0]}:{location[1]}"

@@ -74,7 +74,9 @@ class SlowRequestLog(RequestHooks):
             or not isinstance(threshold_s, int | float)
             or not 0 <= threshold_s <= 86_400
         ):
-            raise ValueError(f"threshold_s: expected seconds between 0 and 86400, got {threshold_s!r}")
+            raise ValueError(
+                f"threshold_s: expected seconds between 0 and 86400, got {threshold_s!r}"
+            )
         if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 64:
             raise ValueError(f"top: expected an int between 0 and 64, got {top!r}")
         if level not in ("debug", "info", "warning", "error", "critical"):
