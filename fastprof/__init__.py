@@ -6,12 +6,16 @@ Distribution ``fastprof-asgi``; import name ``fastprof``.
 from fastprof.__about__ import __version__
 from fastprof._context import RequestState, current_request
 from fastprof._instrument import instrument
+from fastprof.loop_monitor import LoopMonitor
 from fastprof.middleware import FastprofMiddleware, RequestHooks
+from fastprof.slow_requests import SlowRequestLog
 
 __all__ = [
     "FastprofMiddleware",
+    "LoopMonitor",
     "RequestHooks",
     "RequestState",
+    "SlowRequestLog",
     "__version__",
     "current_request",
     "instrument",

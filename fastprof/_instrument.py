@@ -9,7 +9,9 @@ from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
 
 from fastprof._http import QueryPolicy
+from fastprof.loop_monitor import LoopMonitor, LoopMonitorLifespan
 from fastprof.middleware import ExcludeOption, FastprofMiddleware, RequestHooks
+from fastprof.slow_requests import SlowRequestLog
 
 __all__ = ["instrument"]
 
@@ -28,6 +30,8 @@ def instrument(
     query: QueryPolicy = "redact_sensitive",
     max_attribute_length: int = 2048,
     hooks: Iterable[RequestHooks] = (),
+    loop_monitor: LoopMonitor | None = None,
+    slow_requests: SlowRequestLog | None = None,
 ) -> AppT:
     """Instrument a Starlette or FastAPI application in place and return it.
 
@@ -42,6 +46,15 @@ def instrument(
         )
     if getattr(app, _MARKER, False):
         return app
+    if loop_monitor is not None and not isinstance(loop_monitor, LoopMonitor):
+        raise ValueError(f"loop_monitor: expected a fastprof.LoopMonitor, got {loop_monitor!r}")
+    if slow_requests is not None and not isinstance(slow_requests, SlowRequestLog):
+        raise ValueError(
+            f"slow_requests: expected a fastprof.SlowRequestLog, got {slow_requests!r}"
+        )
+    # The loop monitor runs before the slow-request log so that the log sees
+    # the loop-blocked time of the request.
+    extra_hooks = tuple(h for h in (loop_monitor, slow_requests) if h is not None)
     options = {
         "tracer_provider": tracer_provider,
         "exclude": exclude,
@@ -49,10 +62,13 @@ def instrument(
         "response_request_id_header": response_request_id_header,
         "query": query,
         "max_attribute_length": max_attribute_length,
-        "hooks": tuple(hooks),
+        "hooks": tuple(hooks) + extra_hooks,
     }
     # Validate now, at start-up, rather than when Starlette builds the stack.
     FastprofMiddleware(app, **options)  # type: ignore[arg-type]
     app.add_middleware(FastprofMiddleware, **options)  # type: ignore[arg-type]
+    if loop_monitor is not None:
+        # Starts the monitor at lifespan startup (else the first request starts it).
+        app.add_middleware(LoopMonitorLifespan, monitor=loop_monitor)
     setattr(app, _MARKER, True)
     return app

@@ -1,0 +1,126 @@
+"""The slow-request log: one line explaining where the time went."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from _loop_support import client
+from fastapi import FastAPI
+from structlog.testing import capture_logs
+
+import fastprof
+from fastprof._context import Timing
+
+pytest_plugins = ["_loop_fixtures"]
+
+
+class FakeDependencyTimings(fastprof.RequestHooks):
+    """Stands in for the dependency instrumentation (it fills ``state.timings``)."""
+
+    def on_request_end(self, state: fastprof.RequestState) -> None:
+        for i in range(7):
+            state.add_timing(Timing(f"dependency dep{i}", "async", 0.01 * (i + 1)))
+        state.add_timing(Timing("dependency get_db", "sync", 0.2, threadpool_wait_s=0.15))
+        state.add_timing(Timing("endpoint", "endpoint", 0.3))
+        state.add_timing(Timing("serialize response", "serialization", 0.02))
+        state.profile_id = "prof-123"
+
+
+def _slow_logs(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "slow request"]
+
+
+@pytest.mark.anyio
+async def test_slow_request_logs_one_line_with_the_breakdown(
+    spans: Any, make_monitor: Any
+) -> None:
+    app = FastAPI()
+
+    @app.get("/orders/{order_id}")
+    async def order(order_id: int) -> dict[str, int]:
+        time.sleep(0.2)  # blocks the loop: counted as loop_blocked_s
+        await asyncio.sleep(0.05)
+        return {"order_id": order_id}
+
+    @app.get("/fast")
+    async def fast() -> dict[str, str]:
+        return {}
+
+    fastprof.instrument(
+        app,
+        tracer_provider=spans.provider,
+        hooks=[FakeDependencyTimings()],
+        loop_monitor=make_monitor(threshold_s=0.1),
+        slow_requests=fastprof.SlowRequestLog(threshold_s=0.15),
+    )
+    with capture_logs() as logs:
+        async with client(app) as c:
+            assert (await c.get("/fast")).status_code == 200
+            assert (await c.get("/orders/42")).status_code == 200
+    [line] = _slow_logs(logs)
+    server = next(s for s in spans.server() if s.attributes["http.route"] == "/orders/{order_id}")
+    assert line["log_level"] == "warning"
+    assert line["route"] == "/orders/{order_id}"
+    assert line["method"] == "GET"
+    assert line["status"] == 200
+    assert 0.2 <= line["duration_s"] < 5
+    assert line["request_id"] == server.attributes["fastprof.request_id"]
+    assert line["trace_id"] == format(server.context.trace_id, "032x")
+    assert line["span_id"] == format(server.context.span_id, "016x")
+    assert [d["name"] for d in line["dependencies"]] == [
+        "dependency get_db",
+        "dependency dep6",
+        "dependency dep5",
+        "dependency dep4",
+        "dependency dep3",
+    ]
+    assert line["dependencies"][0] == {
+        "name": "dependency get_db",
+        "kind": "sync",
+        "duration_s": 0.2,
+        "threadpool_wait_s": 0.15,
+    }
+    assert line["endpoint_s"] == 0.3
+    assert line["serialization_s"] == 0.02
+    assert line["threadpool_wait_s"] == 0.15
+    assert 0.1 <= line["loop_blocked_s"] <= 2.0
+    assert line["profile_id"] == "prof-123"
+
+
+@pytest.mark.anyio
+async def test_fast_requests_and_missing_timings(spans: Any) -> None:
+    app = FastAPI()
+
+    @app.get("/slowish")
+    async def slowish() -> dict[str, str]:
+        await asyncio.sleep(0.12)
+        return {}
+
+    fastprof.instrument(
+        app,
+        tracer_provider=spans.provider,
+        slow_requests=fastprof.SlowRequestLog(threshold_s=0.1, level="info", top=2),
+    )
+    with capture_logs() as logs:
+        async with client(app) as c:
+            await c.get("/slowish")
+            await c.get("/missing")  # fast 404: no line
+    [line] = _slow_logs(logs)
+    assert line["log_level"] == "info"
+    assert line["dependencies"] == []
+    assert line["endpoint_s"] is None and line["serialization_s"] is None
+    assert line["loop_blocked_s"] == 0.0 and line["profile_id"] is None
+
+
+def test_slow_request_options_are_validated() -> None:
+    for kwargs, name in [
+        ({"threshold_s": -1}, "threshold_s"),
+        ({"top": 100}, "top"),
+        ({"level": "loud"}, "level"),
+        ({"event": ""}, "event"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            fastprof.SlowRequestLog(**kwargs)
