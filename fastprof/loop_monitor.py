@@ -95,19 +95,22 @@ def _format_stack(stack: tuple[Frame, ...], limit: int) -> str:
 class _Entry:
     """A request registered for its task."""
 
-    __slots__ = ("entry_path", "entry_root_path", "events", "scope", "state")
+    __slots__ = ("entry_app", "entry_path", "entry_root_path", "events", "scope", "state")
 
     def __init__(self, state: RequestState, scope: Scope | None) -> None:
         self.state = state
         self.scope = scope
         self.entry_path = scope.get("path", "") if scope is not None else ""
         self.entry_root_path = scope.get("root_path", "") if scope is not None else ""
+        self.entry_app = scope.get("app") if scope is not None else None
         self.events = 0
 
     def route(self) -> str | None:
         state = self.state
         if state.route is None and self.scope is not None:
-            return resolve_route(dict(self.scope), self.entry_root_path, self.entry_path)
+            return resolve_route(
+                dict(self.scope), self.entry_app, self.entry_root_path, self.entry_path
+            )
         return state.route
 
 
