@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from demo_app import create_app, iter_demo_requests
 
-    app = fastprof.instrument(create_app())
+    app = fastprof.instrument(
+        create_app(),
+        loop_monitor=fastprof.LoopMonitor(threshold_s=0.1),
+        slow_requests=fastprof.SlowRequestLog(threshold_s=0.2),
+    )
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="on")
     server = uvicorn.Server(config)

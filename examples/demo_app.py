@@ -87,3 +87,4 @@ def iter_demo_requests() -> Iterator[tuple[str, str, dict[str, str]]]:
     yield "a refused login (401)", "/items/7", {"authorization": "Bearer nope"}
     yield "100 models through response_model", "/items", {}
     yield "an unhandled exception (500)", "/fail", {}
+    yield "time.sleep() inside async def: blocks the event loop", "/blocking", {}

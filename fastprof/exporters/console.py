@@ -25,6 +25,14 @@ _SHOWN_ATTRIBUTES = (
     "error.type",
 )
 
+_SHOWN_EVENT_ATTRIBUTES = (
+    "fastprof.loop.blocked_s",
+    "code.file.path",
+    "code.line.number",
+    "code.function.name",
+    "fastprof.operation",
+)
+
 
 class SpanTreePrinter(SpanExporter):
     """A span exporter that writes each trace as a tree once its local root ends.
@@ -83,6 +91,14 @@ def format_trace(spans: Sequence[ReadableSpan]) -> str:
         shown = " ".join(f"{k}={attrs[k]!s}" for k in _SHOWN_ATTRIBUTES if k in attrs)
         status = " ERROR" if span.status.status_code.name == "ERROR" else ""
         lines.append(f"{'  ' * depth}{span.name}  {duration_ms:.2f} ms{status}  {shown}".rstrip())
+        for event in span.events:
+            if event.name.startswith("fastprof."):
+                details = " ".join(
+                    f"{k}={v!s}"
+                    for k, v in (event.attributes or {}).items()
+                    if k in _SHOWN_EVENT_ATTRIBUTES
+                )
+                lines.append(f"{'  ' * (depth + 1)}* {event.name}  {details}".rstrip())
         if span.context is not None:
             for child in children.get(span.context.span_id, []):
                 walk(child, depth + 1)
