@@ -176,3 +176,19 @@ def test_default_setup_with_global_provider_has_one_server_span() -> None:
     servers = [s for s in spans if s[1] == SpanKind.SERVER.name]
     assert len(servers) == 1, spans
     assert servers[0][0] == "GET /items/{item_id}"
+
+
+@needs_native
+async def test_hooks_can_annotate_a_foreign_span_before_it_ends(spans: Spans) -> None:
+    """FastAPI native ends its span as the last message passes; hooks run before that."""
+
+    class Tagger(fastprof.RequestHooks):
+        def on_request_end(self, state: Any) -> None:
+            state.span.set_attribute("test.tagged", state.span.is_recording())
+
+    app = fastprof.instrument(
+        make_app(spans.provider), tracer_provider=spans.provider, hooks=[Tagger()]
+    )
+    await hit(app)
+    span = assert_one_server_span(spans, "fastapi")
+    assert span.attributes["test.tagged"] is True

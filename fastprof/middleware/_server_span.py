@@ -202,6 +202,7 @@ class _Request:
         "_completed",
         "_context_token",
         "_disconnected",
+        "_ended",
         "_finished",
         "_mw",
         "_owned",
@@ -218,6 +219,7 @@ class _Request:
     def __init__(self, mw: FastprofMiddleware, scope: Scope) -> None:
         self._mw = mw
         self._finished = False
+        self._ended = False
         self._completed = False
         self._trailers = False
         self._disconnected = False
@@ -293,11 +295,12 @@ class _Request:
         try:
             await app(scope, self._receive_wrapper(receive), self._send_wrapper(scope, send))
         except BaseException as exc:
-            self._finish(scope, exc)
+            self._complete(scope, exc)
+            self._end_span()
             raise
         else:
-            if not self._finished:
-                self._finish(scope, None)
+            self._complete(scope, None)
+            self._end_span()
         finally:
             for hook in hooks:
                 try:
@@ -338,10 +341,17 @@ class _Request:
                 final = not message.get("more_trailers", False)
             elif message_type == "http.response.pathsend":
                 final = True
-            await send(message)
-            if final:
-                self._completed = True
-                self._finish(scope, None)
+            if not final:
+                await send(message)
+                return
+            # Hooks see the span before the last message leaves: an outer layer
+            # (FastAPI native, contrib) ends its span as soon as it passes.
+            self._completed = True
+            self._complete(scope, None)
+            try:
+                await send(message)
+            finally:
+                self._end_span()
 
         return wrapped_send
 
@@ -368,7 +378,8 @@ class _Request:
             except Exception as exc:
                 _internal_errors.report("hook.on_response_start", exc)
 
-    def _finish(self, scope: Scope, error: BaseException | None) -> None:
+    def _complete(self, scope: Scope, error: BaseException | None) -> None:
+        """Resolve the route, annotate the span and run ``on_request_end`` hooks, once."""
         if self._finished:
             return
         self._finished = True
@@ -387,9 +398,13 @@ class _Request:
                 hook.on_request_end(state)
             except Exception as exc:
                 _internal_errors.report("hook.on_request_end", exc)
-        if self._owned:
+
+    def _end_span(self) -> None:
+        """End the SERVER span if fastprof owns it, once."""
+        if self._owned and not self._ended:
+            self._ended = True
             try:
-                state.span.end()
+                self.state.span.end()
             except Exception as exc:  # pragma: no cover - SDK failure
                 _internal_errors.report("span_end", exc)
 
