@@ -7,9 +7,11 @@ from fastprof.__about__ import __version__
 from fastprof._context import RequestState, current_request
 from fastprof._instrument import instrument
 from fastprof.middleware import FastprofMiddleware, RequestHooks
+from fastprof.profiling import Profiling
 
 __all__ = [
     "FastprofMiddleware",
+    "Profiling",
     "RequestHooks",
     "RequestState",
     "__version__",

@@ -28,6 +28,7 @@ def instrument(
     query: QueryPolicy = "redact_sensitive",
     max_attribute_length: int = 2048,
     hooks: Iterable[RequestHooks] = (),
+    profiling: RequestHooks | None = None,
 ) -> AppT:
     """Instrument a Starlette or FastAPI application in place and return it.
 
@@ -42,6 +43,9 @@ def instrument(
         )
     if getattr(app, _MARKER, False):
         return app
+    if profiling is not None and not isinstance(profiling, RequestHooks):
+        raise ValueError("profiling: expected a fastprof.Profiling")
+    all_hooks = tuple(hooks) + ((profiling,) if profiling is not None else ())
     options = {
         "tracer_provider": tracer_provider,
         "exclude": exclude,
@@ -49,7 +53,7 @@ def instrument(
         "response_request_id_header": response_request_id_header,
         "query": query,
         "max_attribute_length": max_attribute_length,
-        "hooks": tuple(hooks),
+        "hooks": all_hooks,
     }
     # Validate now, at start-up, rather than when Starlette builds the stack.
     FastprofMiddleware(app, **options)  # type: ignore[arg-type]
