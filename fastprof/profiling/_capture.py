@@ -1,9 +1,13 @@
 """One request's profile: pyinstrument on the request task plus its worker-thread calls.
 
-The request's own async work is sampled by a ``Profiler(async_mode="enabled")``
-started in the request task, so other requests' coroutines never appear in it
-(while the request awaits, the time is shown as ``[await]`` in the awaiting
-frame). Sync work that fastprof runs in a worker thread for the request goes
+The request's own async work is sampled by a ``Profiler(async_mode="strict")``
+started in the request task (and its child tasks, which inherit its context).
+Strict, not "enabled": in "enabled" mode, time when the request's task is
+suspended on something that is not a coroutine (a worker-thread future, for
+instance) is attributed to whatever else runs on the loop, i.e. to other
+requests. In strict mode it shows as ``[await]`` (awaiting a coroutine) or
+``[out-of-context]`` in the frame that gave up control, so concurrently
+profiled requests never contain each other's frames. Sync work that fastprof runs in a worker thread for the request goes
 through :meth:`ProfileCapture.worker_hook`, which samples that one call in that
 thread with its own ``Profiler(async_mode="disabled")``; its samples are grafted
 into the request's session under a synthetic ``<fn> [worker thread]`` frame,
@@ -81,7 +85,7 @@ class ProfileCapture:
         self.truncated = False
         self.started_at = time.time()
         self._on_done = on_done
-        self._profiler = Profiler(interval=interval_s, async_mode="enabled")
+        self._profiler = Profiler(interval=interval_s, async_mode="strict")
         self._worker_records: list[tuple[list[str], float]] = []
         self._worker_calls = 0
         self._worker_dropped = 0
