@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     token = sub.add_parser("token", help="mint a single-use profile token")
-    token.add_argument("--secret-env", default="FASTPROF_SECRET", help="variable holding the secret")
+    token.add_argument("--secret-env", default="FASTPROF_SECRET", help="variable holding it")
     token.add_argument("--ttl", type=float, default=300.0, help="lifetime in seconds (default 300)")
     token.add_argument("--route", help="only valid for this route template, e.g. /items/{item_id}")
     token.add_argument("--method", help="only valid for this HTTP method")

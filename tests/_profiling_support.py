@@ -141,6 +141,4 @@ def frames_of(profiling: fastprof.Profiling, profile_id: str) -> set[str]:
     document = profiling.store.get(profile_id)
     assert document is not None, "profile not stored"
     _, session = _documents.decode(document)
-    return {
-        frame.split("\x00", 1)[0] for stack, _ in session.frame_records for frame in stack
-    }
+    return {frame.split("\x00", 1)[0] for stack, _ in session.frame_records for frame in stack}

@@ -37,7 +37,9 @@ def profile_attrs(span: object) -> dict[str, object]:
 @pytest.mark.anyio
 async def test_valid_token_profiles_request(spans) -> None:
     """A valid token yields a stored profile linked from the span and the response."""
-    profiling = fastprof.Profiling(secret=SECRET, base_url="https://ops.example/_fastprof/profiles/")
+    profiling = fastprof.Profiling(
+        secret=SECRET, base_url="https://ops.example/_fastprof/profiles/"
+    )
     app = make_app(profiling, spans)
     async with client_for(app) as client:
         response = await client.get("/alpha", headers={"X-Fastprof-Profile": mint_token(SECRET)})
@@ -77,7 +79,7 @@ def _tokens_that_must_not_profile(clock_now: float) -> dict[str, list[tuple[byte
 
 @pytest.mark.anyio
 async def test_refused_tokens_are_served_byte_identically(spans, caplog) -> None:
-    """Missing/malformed/forged/expired/replayed/wrong-scope tokens change nothing in the response."""
+    """Missing/malformed/forged/expired/replayed/wrong-scope tokens change nothing."""
     caplog.set_level(logging.DEBUG, logger="fastprof")
     profiling = fastprof.Profiling(secret=SECRET)
     app = make_app(profiling, spans)
@@ -97,8 +99,15 @@ async def test_refused_tokens_are_served_byte_identically(spans, caplog) -> None
         assert not [e for e in server.events if e.name == "fastprof.profile"]
     stats = profiling.stats()
     assert stats["started"] == 1
-    for reason in ("malformed", "forged", "expired", "lifetime_too_long", "wrong_route",
-                   "wrong_method", "replayed"):
+    for reason in (
+        "malformed",
+        "forged",
+        "expired",
+        "lifetime_too_long",
+        "wrong_route",
+        "wrong_method",
+        "replayed",
+    ):
         assert stats[f"refused.{reason}"] >= 1, reason
     assert "profile token refused" in caplog.text
     # Neither the secret nor any token is ever logged.
@@ -182,7 +191,9 @@ async def test_concurrency_budget_under_concurrent_requests(spans) -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(4):
             tg.start_soon(one)
-    with_header = [r for r in results if any(k == b"x-fastprof-profile-id" for k, _ in r[0]["headers"])]  # type: ignore[union-attr]
+    with_header = [
+        r for r in results if any(k == b"x-fastprof-profile-id" for k, _ in r[0]["headers"])
+    ]  # type: ignore[union-attr]
     assert len(with_header) == 1
     skipped = [s for s in spans.server() if (s.attributes or {}).get("fastprof.profile.skipped")]
     assert len(skipped) == 3
@@ -223,7 +234,9 @@ async def test_concurrent_profiles_do_not_mix(spans) -> None:
     assert "sync_hot_beta" not in alpha
     assert "sync_hot_beta" in beta
     assert "async_hot_alpha" not in beta
-    beta_span = next(s for s in spans.server() if s.attributes["fastprof.profile.id"] == ids["/beta"])  # type: ignore[index]
+    beta_span = next(
+        s for s in spans.server() if s.attributes["fastprof.profile.id"] == ids["/beta"]
+    )  # type: ignore[index]
     assert beta_span.attributes["fastprof.profile.worker_calls"] == 1  # type: ignore[index]
 
 
@@ -259,7 +272,9 @@ async def test_worker_hook_is_transparent_for_results_and_errors(spans) -> None:
             await anyio.to_thread.run_sync(state.worker_hook, boom)
         await app(scope, receive, send)
 
-    wrapped = fastprof.FastprofMiddleware(probe_app, tracer_provider=spans.provider, hooks=[profiling])
+    wrapped = fastprof.FastprofMiddleware(
+        probe_app, tracer_provider=spans.provider, hooks=[profiling]
+    )
     await asgi_call(wrapped, "/items/1", [(HEADER, mint_token(SECRET).encode())])
     assert captured["value"] == 42
 
@@ -289,7 +304,6 @@ async def test_streaming_response_profiled_and_task_reusable(spans) -> None:
         body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
         assert body == b"chunk0\nchunk1\nchunk2\n"
     assert profiling.stats()["started"] == 2
-    assert profiling.stats()["stored"] == 0 or True  # stored asynchronously
     assert profiling.flush(10)
     assert profiling.stats()["stored"] == 2
     assert _internal_errors.counts() == {}
@@ -330,7 +344,7 @@ async def test_store_failure_never_fails_the_request(spans, monkeypatch, tmp_pat
 
 @pytest.mark.anyio
 async def test_writer_queue_full_drops_and_counts(spans) -> None:
-    """When the writer is saturated, profiles are dropped, counted, and the request is unaffected."""
+    """A saturated writer drops and counts profiles; the request is unaffected."""
     import threading
 
     gate = threading.Event()
@@ -352,7 +366,11 @@ async def test_writer_queue_full_drops_and_counts(spans) -> None:
     stats = profiling.stats()
     assert stats["skipped.writer_queue_full"] >= 1
     assert stats["stored"] + stats["skipped.writer_queue_full"] == 4
-    dropped = [s for s in spans.server() if s.attributes.get("fastprof.profile.skipped") == "writer_queue_full"]  # type: ignore[union-attr]
+    dropped = [
+        s
+        for s in spans.server()
+        if s.attributes.get("fastprof.profile.skipped") == "writer_queue_full"
+    ]  # type: ignore[union-attr]
     assert dropped and all("fastprof.profile.id" not in s.attributes for s in dropped)  # type: ignore[operator]
 
 

@@ -60,7 +60,9 @@ def test_memory_store_ttl() -> None:
     assert store.list() == []
 
 
-@pytest.mark.parametrize("bad", ["", "../" + "a" * 29, "A" * 32, "a" * 31, "a" * 33, "g" * 32, None])
+@pytest.mark.parametrize(
+    "bad", ["", "../" + "a" * 29, "A" * 32, "a" * 31, "a" * 33, "g" * 32, None]
+)
 def test_invalid_ids_are_refused(tmp_path, bad: object) -> None:
     assert not valid_profile_id(bad)
     for store in (MemoryStore(), FileStore(tmp_path)):
@@ -130,7 +132,7 @@ def _writer_process(directory: str, offset: int) -> None:
 
 
 def test_file_store_shared_by_several_processes(tmp_path) -> None:
-    """Concurrent writers and pruners in separate processes keep the caps and never corrupt a file."""
+    """Writers/pruners in separate processes keep the caps and never corrupt a file."""
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_writer_process, args=(str(tmp_path), k * 1000)) for k in range(3)]
     for p in procs:

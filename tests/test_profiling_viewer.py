@@ -69,9 +69,13 @@ async def test_viewer_refuses_unauthenticated_and_path_tricks(spans) -> None:
     transport = httpx.ASGITransport(app=mounted(profiling))
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         base = "/_fastprof/profiles"
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"},
-                        {"Authorization": "Bearer " + "a" * 2000},
-                        {"Authorization": f"Bearer {mint_token(SECRET)}"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "Basic x"},
+            {"Authorization": "Bearer " + "a" * 2000},
+            {"Authorization": f"Bearer {mint_token(SECRET)}"},
+        ):
             for path in (f"{base}/{profile_id}", f"{base}/"):
                 response = await client.get(path, headers=headers)
                 assert response.status_code == 404, (headers, path)
@@ -98,7 +102,9 @@ async def test_viewer_refuses_unauthenticated_and_path_tricks(spans) -> None:
 async def test_viewer_listing_escapes_html() -> None:
     store = MemoryStore()
     store.put(
-        ProfileMeta("a" * 32, created=time.time(), method="GET", route="/<script>alert(1)</script>"),
+        ProfileMeta(
+            "a" * 32, created=time.time(), method="GET", route="/<script>alert(1)</script>"
+        ),
         b"doc",
     )
     app = viewer_app(store, auth=lambda scope: True)
@@ -190,7 +196,9 @@ async def test_cli_profile_get_downloads_from_a_real_viewer(spans, tmp_path, mon
     profiling, profile_id = await stored_profile(spans)
     port = _free_port()
     server = uvicorn.Server(
-        uvicorn.Config(mounted(profiling), host="127.0.0.1", port=port, log_level="error", lifespan="off")
+        uvicorn.Config(
+            mounted(profiling), host="127.0.0.1", port=port, log_level="error", lifespan="off"
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -202,10 +210,14 @@ async def test_cli_profile_get_downloads_from_a_real_viewer(spans, tmp_path, mon
         monkeypatch.setenv("FASTPROF_SECRET", SECRET)
         url = f"http://127.0.0.1:{port}/_fastprof/profiles"
         out = tmp_path / "p.json"
-        rc = await _in_thread(main, ["profile", "get", profile_id, "--url", url, "--format", "json", "-o", str(out)])
+        rc = await _in_thread(
+            main, ["profile", "get", profile_id, "--url", url, "--format", "json", "-o", str(out)]
+        )
         assert rc == 0
         assert json.loads(out.read_bytes())["sample_count"] > 0
-        rc = await _in_thread(main, ["profile", "get", "0" * 32, "--url", url, "-o", str(tmp_path / "x")])
+        rc = await _in_thread(
+            main, ["profile", "get", "0" * 32, "--url", url, "-o", str(tmp_path / "x")]
+        )
         assert rc == 1
         assert main(["profile", "get", "../etc", "--url", url]) == 2
     finally:

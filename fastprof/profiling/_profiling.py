@@ -196,8 +196,9 @@ class Profiling(RequestHooks):
 
     def stats(self) -> dict[str, int]:
         """Counters: ``started``, ``stored``, ``refused.<reason>``, ``skipped.<reason>``, ..."""
+        out = {"started": 0, "stored": 0, "store_failed": 0}
         with self._counts_lock:
-            out = dict(self._counts)
+            out.update(self._counts)
         out["active"] = self._budget.active
         out["writer_dropped"] = self._writer.dropped
         return out
