@@ -9,7 +9,8 @@ requests. In strict mode it shows as ``[await]`` (awaiting a coroutine) or
 ``[out-of-context]`` in the frame that gave up control, so concurrently
 profiled requests never contain each other's frames.
 
-Sync work that fastprof runs in a worker thread for the request goes through :meth:`ProfileCapture.worker_hook`, which samples that one call in that
+Sync work that fastprof runs in a worker thread for the request goes
+through :meth:`ProfileCapture.worker_hook`, which samples that one call in that
 thread with its own ``Profiler(async_mode="disabled")``; its samples are grafted
 into the request's session under a synthetic ``<fn> [worker thread]`` frame,
 child of the frame that started the profile. Worker time is therefore visible
