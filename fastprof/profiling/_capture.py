@@ -239,5 +239,11 @@ def hot_frames(session: Session, limit: int) -> list[tuple[str, str, float]]:
         line = parts[2] if len(parts) > 2 else ""
         if len(parts) > 3:
             function = f"{function} {parts[3]}"
-        out.append((function, f"{session.shorten_path(path)}:{line}", round(seconds, 6)))
+        out.append((function, f"{_short_path(path)}:{line}", round(seconds, 6)))
     return out
+
+
+def _short_path(path: str) -> str:
+    """The last two components of a path: enough to locate a frame, no absolute paths."""
+    parts = path.replace("\\", "/").rsplit("/", 2)
+    return "/".join(parts[-2:])

@@ -32,7 +32,7 @@ MEDIA: Final[dict[str, tuple[str, str]]] = {
 
 def encode(session: Session, meta: dict[str, Any]) -> bytes:
     body = json.dumps({"fastprof": meta, "session": session.to_json()}, separators=(",", ":"))
-    return gzip.compress(body.encode("utf-8"), compresslevel=6)
+    return gzip.compress(body.encode("utf-8"), compresslevel=1)
 
 
 def decode(document: bytes, max_bytes: int = 512 * 1024 * 1024) -> tuple[dict[str, Any], Session]:
