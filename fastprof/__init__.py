@@ -8,11 +8,13 @@ from fastprof._context import RequestState, current_request
 from fastprof._instrument import instrument
 from fastprof.loop_monitor import LoopMonitor
 from fastprof.middleware import FastprofMiddleware, RequestHooks
+from fastprof.profiling import Profiling
 from fastprof.slow_requests import SlowRequestLog
 
 __all__ = [
     "FastprofMiddleware",
     "LoopMonitor",
+    "Profiling",
     "RequestHooks",
     "RequestState",
     "SlowRequestLog",

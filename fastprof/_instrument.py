@@ -11,6 +11,7 @@ from starlette.applications import Starlette
 from fastprof._http import QueryPolicy
 from fastprof.loop_monitor import LoopMonitor, LoopMonitorLifespan
 from fastprof.middleware import ExcludeOption, FastprofMiddleware, RequestHooks
+from fastprof.profiling import Profiling
 from fastprof.slow_requests import SlowRequestLog
 
 __all__ = ["instrument"]
@@ -30,6 +31,7 @@ def instrument(
     query: QueryPolicy = "redact_sensitive",
     max_attribute_length: int = 2048,
     hooks: Iterable[RequestHooks] = (),
+    profiling: Profiling | None = None,
     loop_monitor: LoopMonitor | None = None,
     slow_requests: SlowRequestLog | None = None,
 ) -> AppT:
@@ -46,15 +48,17 @@ def instrument(
         )
     if getattr(app, _MARKER, False):
         return app
+    if profiling is not None and not isinstance(profiling, Profiling):
+        raise ValueError(f"profiling: expected a fastprof.Profiling, got {profiling!r}")
     if loop_monitor is not None and not isinstance(loop_monitor, LoopMonitor):
         raise ValueError(f"loop_monitor: expected a fastprof.LoopMonitor, got {loop_monitor!r}")
     if slow_requests is not None and not isinstance(slow_requests, SlowRequestLog):
         raise ValueError(
             f"slow_requests: expected a fastprof.SlowRequestLog, got {slow_requests!r}"
         )
-    # The loop monitor runs before the slow-request log so that the log sees
-    # the loop-blocked time of the request.
-    extra_hooks = tuple(h for h in (loop_monitor, slow_requests) if h is not None)
+    # Order matters at request end: the profiler sets the profile id and the loop
+    # monitor the blocked time before the slow-request log reads them.
+    extra_hooks = tuple(h for h in (profiling, loop_monitor, slow_requests) if h is not None)
     options = {
         "tracer_provider": tracer_provider,
         "exclude": exclude,

@@ -1,0 +1,415 @@
+"""``fastprof.Profiling``: the options object and per-request hooks of on-demand profiling."""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, cast
+from urllib.parse import parse_qsl
+
+from starlette.types import Message, Scope
+
+from fastprof import _internal_errors
+from fastprof._context import RequestState
+from fastprof._routes import resolve_route
+from fastprof.middleware import RequestHooks
+from fastprof.profiling import _documents
+from fastprof.profiling._budget import Budget
+from fastprof.profiling._capture import ProfileCapture, hot_frames
+from fastprof.profiling._tokens import ReplayCache, TokenClaims, TokenVerifier, normalize_secrets
+from fastprof.profiling._writer import Writer
+from fastprof.profiling.stores import MemoryStore, ProfileMeta, ProfileStore
+
+__all__ = ["Profiling"]
+
+logger = logging.getLogger("fastprof.profiling")
+
+_EXTRA_KEY: Final = "fastprof.profile"
+_HEADER_RE: Final = re.compile(r"[A-Za-z0-9\-]{1,64}")
+_QUERY_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+MAX_DURATION_CAP_S: Final = 300.0
+
+
+class Profiling(RequestHooks):
+    """On-demand pyinstrument profiles of single requests, linked to their span.
+
+    Nothing is profiled unless configured: give a ``secret`` to enable the signed
+    header trigger, a ``sample_rate`` / ``sample_routes`` for continuous low-rate
+    profiling, or both. Pass the object to ``fastprof.instrument(app,
+    profiling=Profiling(...))`` (or in ``hooks=[...]``).
+
+    Args:
+        secret: Server secret (or a list: the first signs, all verify, for key
+            rotation), each at least 32 bytes. Enables the header trigger.
+        header: Request header carrying a token (``None`` disables the header trigger).
+        max_token_ttl_s: Tokens expiring further in the future are refused; also the
+            lifetime of entries in the replay cache.
+        replay_cache_size: Nonces remembered per process (single use). When full of
+            unexpired nonces, new tokens are refused.
+        sample_rate: Fraction of requests profiled, in [0, 1].
+        sample_routes: Per route-template rates, e.g. ``{"/items/{item_id}": 0.05}``;
+            routes not listed use ``sample_rate``.
+        dev_mode: Also accept a token in the query parameter ``query_param``. For
+            development only: URLs (with the token) end up in access logs.
+        query_param: Name of that query parameter.
+        max_concurrent: Profiles running at once in this process.
+        max_per_minute: Profiles started per minute in this process.
+        interval_s: pyinstrument sampling interval (default 1 ms).
+        max_duration_s: Sampling stops after this long; the profile is marked truncated.
+        store: Where profiles go (default: an in-memory ring buffer of 32).
+        base_url: Public URL of the mounted viewer; ``fastprof.profile.url`` is
+            ``base_url + "/" + id``.
+        response_header: Response header giving the profile id to the client that
+            asked for it (token-triggered requests only; ``None`` for none).
+        top_frames: Hottest frames listed in the span event.
+        embed_max_bytes: If > 0, the compressed profile is also put on the span as
+            ``fastprof.profile.data`` (base64) when it is at most this large. The
+            encoding then happens on the event loop at request end.
+        writer_queue_size: Profiles waiting to be stored; beyond, they are dropped.
+        rng: Random number source in [0, 1) for sampling (tests inject one).
+        clock: Wall clock for token expiry (tests inject one).
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: str | bytes | Sequence[str | bytes] | None = None,
+        header: str | None = "X-Fastprof-Profile",
+        max_token_ttl_s: float = 3600.0,
+        replay_cache_size: int = 10_000,
+        sample_rate: float = 0.0,
+        sample_routes: Mapping[str, float] | None = None,
+        dev_mode: bool = False,
+        query_param: str = "fastprof_profile",
+        max_concurrent: int = 1,
+        max_per_minute: int = 6,
+        interval_s: float = 0.001,
+        max_duration_s: float = 30.0,
+        store: ProfileStore | None = None,
+        base_url: str | None = None,
+        response_header: str | None = "X-Fastprof-Profile-Id",
+        top_frames: int = 10,
+        embed_max_bytes: int = 0,
+        writer_queue_size: int = 8,
+        rng: Callable[[], float] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if header is not None and (not isinstance(header, str) or not _HEADER_RE.fullmatch(header)):
+            raise ValueError(
+                f"header: expected a header name like 'X-Fastprof-Profile', got {header!r}"
+            )
+        if response_header is not None and (
+            not isinstance(response_header, str) or not _HEADER_RE.fullmatch(response_header)
+        ):
+            raise ValueError(f"response_header: expected a header name, got {response_header!r}")
+        self._secrets: tuple[bytes, ...] = ()
+        if secret is not None:
+            self._secrets = normalize_secrets(secret, "secret")
+        if dev_mode and not self._secrets:
+            raise ValueError(
+                "dev_mode: the query parameter trigger still needs a token: set secret"
+            )
+        if not isinstance(query_param, str) or not _QUERY_RE.fullmatch(query_param):
+            raise ValueError("query_param: expected 1-64 characters of [A-Za-z0-9_-]")
+        if not isinstance(max_token_ttl_s, (int, float)) or not 1 <= max_token_ttl_s <= 7 * 86400:
+            raise ValueError("max_token_ttl_s: expected seconds between 1 and 604800")
+        if not isinstance(replay_cache_size, int) or not 1 <= replay_cache_size <= 10_000_000:
+            raise ValueError("replay_cache_size: expected an int between 1 and 10000000")
+        _check_rate("sample_rate", sample_rate)
+        rules: dict[str, float] = {}
+        for route, rate in dict(sample_routes or {}).items():
+            if not isinstance(route, str) or not route.startswith("/"):
+                raise ValueError(
+                    f"sample_routes: keys are route templates starting with '/', got {route!r}"
+                )
+            _check_rate(f"sample_routes[{route!r}]", rate)
+            rules[route] = float(rate)
+        if not isinstance(max_concurrent, int) or not 1 <= max_concurrent <= 64:
+            raise ValueError("max_concurrent: expected an int between 1 and 64")
+        if not isinstance(max_per_minute, int) or not 1 <= max_per_minute <= 10_000:
+            raise ValueError("max_per_minute: expected an int between 1 and 10000")
+        if not isinstance(interval_s, (int, float)) or not 0.0001 <= interval_s <= 1.0:
+            raise ValueError("interval_s: expected seconds between 0.0001 and 1")
+        if (
+            not isinstance(max_duration_s, (int, float))
+            or not 0 < max_duration_s <= MAX_DURATION_CAP_S
+        ):
+            raise ValueError(f"max_duration_s: expected seconds in (0, {MAX_DURATION_CAP_S:g}]")
+        if store is not None and not isinstance(store, ProfileStore):
+            raise ValueError(
+                "store: expected a ProfileStore (put/get/list), e.g. fastprof.profiling.FileStore"
+            )
+        if base_url is not None and (
+            not isinstance(base_url, str) or not re.match(r"https?://|/", base_url)
+        ):
+            raise ValueError("base_url: expected an http(s) URL or an absolute path")
+        if not isinstance(top_frames, int) or not 0 <= top_frames <= 100:
+            raise ValueError("top_frames: expected an int between 0 and 100")
+        if not isinstance(embed_max_bytes, int) or not 0 <= embed_max_bytes <= 1024 * 1024:
+            raise ValueError("embed_max_bytes: expected an int between 0 and 1048576")
+        if not isinstance(writer_queue_size, int) or not 1 <= writer_queue_size <= 1024:
+            raise ValueError("writer_queue_size: expected an int between 1 and 1024")
+
+        self._header = (
+            header.lower().encode("latin-1") if header is not None and self._secrets else None
+        )
+        self._query_key = query_param if dev_mode else None
+        self._query_probe = (query_param + "=").encode("latin-1")
+        self._sample_rate = float(sample_rate)
+        self._sample_routes = rules
+        self._max_rate = max([self._sample_rate, *rules.values()])
+        self._rng = rng if rng is not None else random.random
+        self._verifier = TokenVerifier(
+            self._secrets,
+            max_ttl_s=float(max_token_ttl_s),
+            replay_cache=ReplayCache(replay_cache_size),
+            clock=clock if clock is not None else time.time,
+        )
+        self._budget = Budget(max_concurrent, max_per_minute)
+        self.interval_s = float(interval_s)
+        self.max_duration_s = float(max_duration_s)
+        self.store: ProfileStore = store if store is not None else MemoryStore()
+        self.base_url = base_url.rstrip("/") if base_url is not None else None
+        self._response_header = (
+            response_header.lower().encode("latin-1") if response_header else None
+        )
+        self._top_frames = top_frames
+        self._embed_max_bytes = embed_max_bytes
+        self._writer = Writer(writer_queue_size)
+        self._counts_lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any trigger is configured."""
+        return self._header is not None or self._query_key is not None or self._max_rate > 0
+
+    def stats(self) -> dict[str, int]:
+        """Counters: ``started``, ``stored``, ``refused.<reason>``, ``skipped.<reason>``, ..."""
+        out = {"started": 0, "stored": 0, "store_failed": 0}
+        with self._counts_lock:
+            out.update(self._counts)
+        out["active"] = self._budget.active
+        out["writer_dropped"] = self._writer.dropped
+        return out
+
+    def _count(self, key: str) -> None:
+        with self._counts_lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def viewer(self, *, auth: Callable[[Scope], bool] | None = None) -> Any:
+        """The viewer ASGI app over this object's store (see :func:`viewer_app`).
+
+        Without ``auth``, it requires ``Authorization: Bearer <viewer_token(secret)>``.
+        """
+        from fastprof.profiling.viewer import viewer_app
+
+        if auth is None and not self._secrets:
+            raise ValueError(
+                "viewer: pass auth=<callable>, or configure a secret for the default auth"
+            )
+        return viewer_app(self.store, auth=auth, secret=self._secrets or None)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until queued profiles are stored (not from the event loop)."""
+        return self._writer.flush(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the writer thread after the queued profiles are stored."""
+        self._writer.close(timeout)
+
+    # -- decision -------------------------------------------------------------
+
+    def _decide(self, state: RequestState, scope: Scope) -> str | None:
+        """Which trigger fires for this request, if any. Cheapest checks first."""
+        if self._header is not None:
+            name = self._header
+            for key, value in scope.get("headers") or ():
+                if key == name:
+                    if self._token_allows(value, state, scope):
+                        return "header"
+                    break
+        if self._query_key is not None:
+            query: bytes = scope.get("query_string", b"")
+            if self._query_probe in query:
+                for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+                    if key == self._query_key:
+                        if self._token_allows(value.encode("latin-1"), state, scope):
+                            return "query"
+                        break
+        if self._max_rate > 0:
+            draw = self._rng()
+            if draw < self._max_rate:
+                rate = self._sample_rate
+                if self._sample_routes:
+                    route = resolve_route(
+                        cast(dict[str, Any], scope),
+                        scope.get("app"),
+                        scope.get("root_path", ""),
+                        scope.get("path", ""),
+                    )
+                    if route is not None:
+                        rate = self._sample_routes.get(route, rate)
+                if draw < rate:
+                    return "sampling"
+        return None
+
+    def _token_allows(self, raw: bytes, state: RequestState, scope: Scope) -> bool:
+        result = self._verifier.verify(raw)
+        if isinstance(result, TokenClaims):
+            reason = None
+            if result.method is not None and result.method != state.method.upper():
+                reason = "wrong_method"
+            elif result.route is not None:
+                route = resolve_route(
+                    cast(dict[str, Any], scope),
+                    scope.get("app"),
+                    scope.get("root_path", ""),
+                    scope.get("path", ""),
+                )
+                if route != result.route:
+                    reason = "wrong_route"
+            if reason is None:
+                return True
+        else:
+            reason = result
+        self._count(f"refused.{reason}")
+        logger.debug("fastprof: profile token refused (%s); request served unprofiled", reason)
+        return False
+
+    # -- hooks ----------------------------------------------------------------
+
+    def on_request_start(self, state: RequestState, scope: Scope) -> None:
+        trigger = self._decide(state, scope)
+        if trigger is None:
+            return
+        reason = self._budget.try_acquire()
+        if reason is not None:
+            self._count(f"skipped.{reason}")
+            if state.span.is_recording():
+                state.span.set_attribute("fastprof.profile.skipped", reason)
+            return
+        capture = ProfileCapture(
+            os.urandom(16).hex(), trigger=trigger, interval_s=self.interval_s, on_done=self._done
+        )
+        try:
+            capture.start(inspect.currentframe().f_back, self.max_duration_s)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._budget.release()
+            self._count("skipped.start_failed")
+            _internal_errors.report("profile.start", exc)
+            return
+        self._count("started")
+        extra = state.extra
+        if extra is None:
+            extra = state.extra = {}
+        extra[_EXTRA_KEY] = capture
+        state.profile_id = capture.profile_id
+        state.worker_hook = capture.worker_hook
+
+    def _done(self, capture: ProfileCapture) -> None:
+        self._budget.release()
+
+    def on_response_start(self, state: RequestState, message: Message) -> None:
+        if self._response_header is None or state.extra is None:
+            return
+        capture = state.extra.get(_EXTRA_KEY)
+        if capture is None or capture.trigger == "sampling":
+            return
+        headers = list(message.get("headers", []))
+        headers.append((self._response_header, capture.profile_id.encode("ascii")))
+        message["headers"] = headers
+
+    def on_request_end(self, state: RequestState) -> None:
+        if state.extra is None:
+            return
+        capture: ProfileCapture | None = state.extra.pop(_EXTRA_KEY, None)
+        if capture is None:
+            return
+        state.worker_hook = None
+        session = capture.stop()
+        if session is None:
+            return
+        span = state.span
+        recording = span.is_recording()
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        meta = ProfileMeta(
+            capture.profile_id,
+            created=capture.started_at,
+            method=state.method,
+            route=state.route or "",
+            duration_s=round(session.duration, 6),
+            trace_id=trace_id,
+            trigger=capture.trigger,
+        )
+        document: bytes | None = None
+        attrs: dict[str, Any] = {}
+        if self._embed_max_bytes and recording:
+            document = _documents.encode(session, meta.to_dict())
+            encoded = base64.b64encode(document)
+            if len(encoded) <= self._embed_max_bytes:
+                attrs["fastprof.profile.data"] = encoded.decode("ascii")
+            else:
+                attrs["fastprof.profile.data_dropped"] = "too_large"
+        if self._writer.submit(self._store_job(meta, session, document)):
+            attrs["fastprof.profile.id"] = capture.profile_id
+            if self.base_url is not None:
+                attrs["fastprof.profile.url"] = f"{self.base_url}/{capture.profile_id}"
+        else:
+            self._count("skipped.writer_queue_full")
+            attrs["fastprof.profile.skipped"] = "writer_queue_full"
+        if not recording:
+            return
+        attrs["fastprof.profile.trigger"] = capture.trigger
+        attrs["fastprof.profile.samples"] = session.sample_count
+        if capture.worker_calls:
+            attrs["fastprof.profile.worker_calls"] = capture.worker_calls
+        if capture.truncated:
+            attrs["fastprof.profile.truncated"] = True
+        span.set_attributes(attrs)
+        if self._top_frames:
+            top = hot_frames(session, self._top_frames)
+            span.add_event(
+                "fastprof.profile",
+                {
+                    "fastprof.profile.id": capture.profile_id,
+                    "fastprof.profile.top.function": [f for f, _, _ in top],
+                    "fastprof.profile.top.location": [loc for _, loc, _ in top],
+                    "fastprof.profile.top.seconds": [s for _, _, s in top],
+                },
+            )
+
+    def _store_job(
+        self, meta: ProfileMeta, session: Any, document: bytes | None
+    ) -> Callable[[], None]:
+        def job() -> None:
+            data = document if document is not None else _documents.encode(session, meta.to_dict())
+            try:
+                self.store.put(meta, data)
+            except Exception as exc:
+                self._count("store_failed")
+                _internal_errors.report("profile.store", exc)
+            else:
+                self._count("stored")
+
+        return job
+
+
+def _check_rate(name: str, rate: object) -> None:
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, float))
+        or math.isnan(rate)
+        or not 0.0 <= rate <= 1.0
+    ):
+        raise ValueError(f"{name}: expected a rate between 0 and 1, got {rate!r}")

@@ -1,0 +1,326 @@
+"""Where profiles are kept: a :class:`ProfileStore` protocol and two implementations.
+
+A stored profile is an opaque *document* (bytes; fastprof writes gzip-compressed
+JSON holding the pyinstrument session and metadata) plus a
+:class:`ProfileMeta`. Ids are always 32 lowercase hex characters; anything
+else is refused before it reaches a dictionary or a file name.
+
+Stores are called from fastprof's writer thread and from the viewer's worker
+thread, never from the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Final, Protocol, runtime_checkable
+
+__all__ = ["FileStore", "MemoryStore", "ProfileMeta", "ProfileStore", "valid_profile_id"]
+
+_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
+_SUFFIX: Final = ".profile"
+
+
+def valid_profile_id(profile_id: object) -> bool:
+    """``True`` for exactly 32 lowercase hex characters."""
+    return isinstance(profile_id, str) and _ID_RE.fullmatch(profile_id) is not None
+
+
+class ProfileMeta:
+    """Small, serialisable facts about a stored profile."""
+
+    __slots__ = (
+        "created",
+        "duration_s",
+        "method",
+        "profile_id",
+        "route",
+        "size",
+        "trace_id",
+        "trigger",
+    )
+
+    def __init__(
+        self,
+        profile_id: str,
+        *,
+        created: float,
+        method: str = "",
+        route: str = "",
+        duration_s: float = 0.0,
+        trace_id: str = "",
+        trigger: str = "",
+        size: int = 0,
+    ) -> None:
+        self.profile_id = profile_id
+        self.created = created
+        self.method = method
+        self.route = route
+        self.duration_s = duration_s
+        self.trace_id = trace_id
+        self.trigger = trigger
+        self.size = size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProfileMeta:
+        return cls(
+            str(data["profile_id"]),
+            created=float(data.get("created", 0.0)),
+            method=str(data.get("method", "")),
+            route=str(data.get("route", "")),
+            duration_s=float(data.get("duration_s", 0.0)),
+            trace_id=str(data.get("trace_id", "")),
+            trigger=str(data.get("trigger", "")),
+            size=int(data.get("size", 0)),
+        )
+
+
+@runtime_checkable
+class ProfileStore(Protocol):
+    """Keeps profile documents by id. Implementations must be thread-safe."""
+
+    def put(self, meta: ProfileMeta, document: bytes) -> None:
+        """Store a document (may evict older ones). May raise ``OSError``."""
+
+    def get(self, profile_id: str) -> bytes | None:
+        """The document, or ``None`` if unknown, expired or the id is invalid."""
+
+    def list(self, limit: int = 100) -> list[ProfileMeta]:
+        """Newest first, at most ``limit``."""
+
+
+class MemoryStore:
+    """A ring buffer in memory (the default): per process, lost on restart.
+
+    Args:
+        max_count: Profiles kept; the oldest is evicted first.
+        max_bytes: Total size of the documents kept.
+        ttl_s: Profiles older than this are dropped.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_count: int = 32,
+        max_bytes: int = 64 * 1024 * 1024,
+        ttl_s: float = 24 * 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        _check_caps(max_count, max_bytes, ttl_s)
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._items: OrderedDict[str, tuple[ProfileMeta, bytes]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, meta: ProfileMeta, document: bytes) -> None:
+        if not valid_profile_id(meta.profile_id) or len(document) > self.max_bytes:
+            return
+        meta.size = len(document)
+        with self._lock:
+            old = self._items.pop(meta.profile_id, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            self._items[meta.profile_id] = (meta, document)
+            self._bytes += len(document)
+            self._prune_locked()
+
+    def _prune_locked(self) -> None:
+        deadline = self._clock() - self.ttl_s
+        items = self._items
+        while items:
+            meta, document = next(iter(items.values()))
+            if (
+                len(items) > self.max_count
+                or self._bytes > self.max_bytes
+                or meta.created < deadline
+            ):
+                items.popitem(last=False)
+                self._bytes -= len(document)
+            else:
+                break
+
+    def get(self, profile_id: str) -> bytes | None:
+        if not valid_profile_id(profile_id):
+            return None
+        with self._lock:
+            self._prune_locked()
+            item = self._items.get(profile_id)
+        return item[1] if item is not None else None
+
+    def list(self, limit: int = 100) -> list[ProfileMeta]:
+        with self._lock:
+            self._prune_locked()
+            metas = [meta for meta, _ in self._items.values()]
+        return list(reversed(metas))[:limit]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+class FileStore:
+    """Profiles as files in a directory, shareable by several worker processes.
+
+    One file per profile, named ``<id>.profile`` (id: 32 hex characters), written
+    to a temporary file in the same directory and renamed into place
+    (``os.replace``), so readers never see a partial file. The directory is
+    created with mode 0700, files with 0600. After each write the directory is
+    pruned: files older than ``ttl_s``, then the oldest beyond ``max_count`` or
+    ``max_bytes``. Pruning by several processes at once is safe (a file another
+    process already removed is skipped).
+
+    Args:
+        directory: Where to keep profiles (created if missing).
+        max_count: Profiles kept.
+        max_bytes: Total size of profile files kept; a larger single profile is
+            not written.
+        ttl_s: Age after which a profile is deleted (and no longer served).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_count: int = 200,
+        max_bytes: int = 256 * 1024 * 1024,
+        ttl_s: float = 7 * 24 * 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        _check_caps(max_count, max_bytes, ttl_s)
+        self.directory = os.fspath(directory)
+        if not self.directory:
+            raise ValueError("directory: must not be empty")
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def _ensure_dir(self) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+
+    def _path(self, profile_id: str) -> str:
+        return os.path.join(self.directory, profile_id + _SUFFIX)
+
+    def put(self, meta: ProfileMeta, document: bytes) -> None:
+        if not valid_profile_id(meta.profile_id):
+            return
+        header = json.dumps(meta.to_dict(), separators=(",", ":")).encode("utf-8")
+        payload = len(header).to_bytes(4, "big") + header + document
+        if len(payload) > self.max_bytes:
+            return
+        meta.size = len(payload)
+        self._ensure_dir()
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self._path(meta.profile_id))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self.prune()
+
+    def _entries(self) -> list[tuple[float, int, str]]:
+        """``(mtime, size, id)`` of every profile file, oldest first."""
+        out: list[tuple[float, int, str]] = []
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if not name.endswith(_SUFFIX):
+                continue
+            profile_id = name[: -len(_SUFFIX)]
+            if not valid_profile_id(profile_id):
+                continue
+            try:
+                st = os.stat(os.path.join(self.directory, name))
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, profile_id))
+        out.sort()
+        return out
+
+    def prune(self) -> None:
+        """Apply the TTL and the count/size caps now."""
+        with self._lock:
+            entries = self._entries()
+            deadline = self._clock() - self.ttl_s
+            total = sum(size for _, size, _ in entries)
+            count = len(entries)
+            for mtime, size, profile_id in entries:
+                if mtime >= deadline and count <= self.max_count and total <= self.max_bytes:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(profile_id))
+                count -= 1
+                total -= size
+
+    def _read(self, profile_id: str) -> tuple[ProfileMeta, bytes] | None:
+        path = self._path(profile_id)
+        try:
+            st = os.stat(path)
+            if st.st_mtime < self._clock() - self.ttl_s or st.st_size > self.max_bytes:
+                return None
+            with open(path, "rb") as f:
+                payload = f.read(self.max_bytes + 1)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
+                return None
+            raise
+        if len(payload) < 4:
+            return None
+        header_len = int.from_bytes(payload[:4], "big")
+        try:
+            meta = ProfileMeta.from_dict(json.loads(payload[4 : 4 + header_len]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        if meta.profile_id != profile_id:
+            return None
+        meta.size = len(payload)
+        return meta, payload[4 + header_len :]
+
+    def get(self, profile_id: str) -> bytes | None:
+        if not valid_profile_id(profile_id):
+            return None
+        item = self._read(profile_id)
+        return item[1] if item is not None else None
+
+    def list(self, limit: int = 100) -> list[ProfileMeta]:
+        out: list[ProfileMeta] = []
+        deadline = self._clock() - self.ttl_s
+        for mtime, _, profile_id in reversed(self._entries()):
+            if len(out) >= limit:
+                break
+            if mtime < deadline:
+                continue
+            item = self._read(profile_id)
+            if item is not None:
+                out.append(item[0])
+        return out
+
+
+def _check_caps(max_count: int, max_bytes: int, ttl_s: float) -> None:
+    if not isinstance(max_count, int) or max_count < 1:
+        raise ValueError("max_count: expected an int >= 1")
+    if not isinstance(max_bytes, int) or max_bytes < 1024:
+        raise ValueError("max_bytes: expected an int >= 1024")
+    if not ttl_s > 0:
+        raise ValueError("ttl_s: expected a positive number of seconds")

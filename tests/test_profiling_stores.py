@@ -1,0 +1,159 @@
+"""Profile stores: caps, TTL, safe names, permissions, several processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+
+import pytest
+
+from fastprof.profiling import FileStore, MemoryStore, ProfileMeta, ProfileStore
+from fastprof.profiling.stores import valid_profile_id
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pid(i: int) -> str:
+    return f"{i:032x}"
+
+
+def meta(i: int, created: float = 1_000_000.0) -> ProfileMeta:
+    return ProfileMeta(pid(i), created=created, method="GET", route="/r")
+
+
+def test_both_stores_satisfy_the_protocol(tmp_path) -> None:
+    assert isinstance(MemoryStore(), ProfileStore)
+    assert isinstance(FileStore(tmp_path), ProfileStore)
+
+
+def test_memory_store_count_cap_evicts_oldest() -> None:
+    store = MemoryStore(max_count=3, clock=Clock())
+    for i in range(5):
+        store.put(meta(i), b"x" * 10)
+    assert [m.profile_id for m in store.list()] == [pid(4), pid(3), pid(2)]
+    assert store.get(pid(0)) is None
+    assert store.get(pid(4)) == b"x" * 10
+
+
+def test_memory_store_byte_cap() -> None:
+    store = MemoryStore(max_count=100, max_bytes=2048, clock=Clock())
+    for i in range(5):
+        store.put(meta(i), b"y" * 1000)
+    assert len(store) == 2
+    store.put(meta(9), b"z" * 4096)  # larger than the cap: not stored
+    assert store.get(pid(9)) is None
+
+
+def test_memory_store_ttl() -> None:
+    clock = Clock()
+    store = MemoryStore(ttl_s=60, clock=clock)
+    store.put(meta(1, created=clock.now), b"a")
+    clock.now += 61
+    assert store.get(pid(1)) is None
+    assert store.list() == []
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "../" + "a" * 29, "A" * 32, "a" * 31, "a" * 33, "g" * 32, None]
+)
+def test_invalid_ids_are_refused(tmp_path, bad: object) -> None:
+    assert not valid_profile_id(bad)
+    for store in (MemoryStore(), FileStore(tmp_path)):
+        assert store.get(bad) is None  # type: ignore[arg-type]
+
+
+def test_file_store_roundtrip_permissions_and_names(tmp_path) -> None:
+    directory = tmp_path / "profiles"
+    store = FileStore(directory)
+    store.put(meta(1), b"document")
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    (name,) = os.listdir(directory)
+    assert name == pid(1) + ".profile"
+    assert stat.S_IMODE(os.stat(directory / name).st_mode) == 0o600
+    assert store.get(pid(1)) == b"document"
+    (listed,) = store.list()
+    assert listed.profile_id == pid(1) and listed.route == "/r"
+
+
+def test_file_store_count_and_size_caps(tmp_path) -> None:
+    store = FileStore(tmp_path, max_count=3, max_bytes=100 * 1024)
+    base = os.stat(tmp_path).st_mtime - 100
+    for i in range(6):
+        store.put(meta(i), b"p" * 100)
+        os.utime(tmp_path / f"{pid(i)}.profile", (base + i, base + i))
+    store.prune()
+    assert sorted(os.listdir(tmp_path)) == [f"{pid(i)}.profile" for i in (3, 4, 5)]
+    big = FileStore(tmp_path / "big", max_count=100, max_bytes=5000)
+    for i in range(5):
+        big.put(meta(i), b"q" * 2000)
+    total = sum(os.path.getsize(tmp_path / "big" / n) for n in os.listdir(tmp_path / "big"))
+    assert total <= 5000
+    big.put(meta(99), b"r" * 10_000)  # alone larger than the cap
+    assert big.get(pid(99)) is None
+
+
+def test_file_store_ttl(tmp_path) -> None:
+    clock = Clock(now=os.stat(tmp_path).st_mtime)
+    store = FileStore(tmp_path, ttl_s=60, clock=clock)
+    store.put(meta(1), b"old")
+    path = tmp_path / f"{pid(1)}.profile"
+    os.utime(path, (clock.now - 120, clock.now - 120))
+    assert store.get(pid(1)) is None  # expired: not served
+    assert store.list() == []
+    store.put(meta(2), b"new")
+    os.utime(tmp_path / f"{pid(2)}.profile", (clock.now, clock.now))
+    store.prune()
+    assert not path.exists()  # expired: deleted on prune
+    assert store.get(pid(2)) == b"new"
+
+
+def test_file_store_ignores_foreign_and_temp_files(tmp_path) -> None:
+    (tmp_path / ".tmp-abc").write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_bytes(b"hi")
+    (tmp_path / ("../" + pid(1))).parent.mkdir(exist_ok=True)
+    store = FileStore(tmp_path, max_count=1)
+    store.put(meta(1), b"one")
+    store.put(meta(2), b"two")
+    assert (tmp_path / "notes.txt").exists() and (tmp_path / ".tmp-abc").exists()
+    assert [m.profile_id for m in store.list()] == [pid(2)]
+
+
+def _writer_process(directory: str, offset: int) -> None:
+    store = FileStore(directory, max_count=10)
+    for i in range(25):
+        store.put(meta(offset + i), os.urandom(64))
+
+
+def test_file_store_shared_by_several_processes(tmp_path) -> None:
+    """Writers/pruners in separate processes keep the caps and never corrupt a file."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer_process, args=(str(tmp_path), k * 1000)) for k in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    store = FileStore(tmp_path, max_count=10)
+    store.prune()
+    names = [n for n in os.listdir(tmp_path) if n.endswith(".profile")]
+    assert 1 <= len(names) <= 10
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    for m in store.list():
+        document = store.get(m.profile_id)
+        assert document is not None and len(document) == 64
+
+
+def test_store_config_validation(tmp_path) -> None:
+    with pytest.raises(ValueError, match="max_count"):
+        MemoryStore(max_count=0)
+    with pytest.raises(ValueError, match="ttl_s"):
+        FileStore(tmp_path, ttl_s=0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        FileStore(tmp_path, max_bytes=10)
