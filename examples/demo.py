@@ -8,8 +8,10 @@ requests, and print each request's trace as a tree.
 from __future__ import annotations
 
 import argparse
+import secrets
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fastprof
 from fastprof.exporters import setup_tracing
+from fastprof.profiling import mint_token, viewer_token
 
 
 def free_port() -> int:
@@ -38,12 +41,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from demo_app import create_app, iter_demo_requests
 
-    app = fastprof.instrument(
-        create_app(),
+    port = free_port()
+    secret = secrets.token_hex(32)  # in production: from your secret store
+    profiling = fastprof.Profiling(
+        secret=secret, base_url=f"http://127.0.0.1:{port}/_fastprof/profiles"
+    )
+    app = create_app()
+    app.mount("/_fastprof/profiles", profiling.viewer())
+    fastprof.instrument(
+        app,
+        exclude=r"^/_fastprof/",
+        profiling=profiling,
         loop_monitor=fastprof.LoopMonitor(threshold_s=0.1),
         slow_requests=fastprof.SlowRequestLog(threshold_s=0.2),
     )
-    port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -62,6 +73,22 @@ def main(argv: list[str] | None = None) -> int:
             response = client.get(path, headers=headers)
             time.sleep(0.1)  # let the trace print before the next request
             print(f"    -> HTTP {response.status_code}\n")
+
+        print("--- a profiled request: a signed, single-use token in X-Fastprof-Profile")
+        token = mint_token(secret, ttl_s=60, route="/items/{item_id}")
+        response = client.get("/items/42", headers={"X-Fastprof-Profile": token})
+        profile_id = response.headers.get("x-fastprof-profile-id")
+        time.sleep(0.1)
+        print(f"    -> HTTP {response.status_code}, profile id {profile_id}")
+        if profile_id:
+            profiling.flush()
+            viewer = {"authorization": f"Bearer {viewer_token(secret)}"}
+            page = client.get(f"/_fastprof/profiles/{profile_id}", headers=viewer)
+            out = Path(tempfile.gettempdir()) / f"fastprof-{profile_id}.html"
+            out.write_bytes(page.content)
+            print(f"    profile HTML ({len(page.content)} bytes) from the viewer -> {out}")
+            denied = client.get(f"/_fastprof/profiles/{profile_id}")
+            print(f"    the viewer without its token answers HTTP {denied.status_code}\n")
     server.should_exit = True
     thread.join(timeout=10)
     provider.shutdown()

@@ -31,6 +31,8 @@ _SHOWN_EVENT_ATTRIBUTES = (
     "code.line.number",
     "code.function.name",
     "fastprof.operation",
+    "fastprof.profile.top.function",
+    "fastprof.profile.top.seconds",
 )
 
 
