@@ -31,8 +31,6 @@ callbacks) is reported with ``in_request=False`` and the task's name.
 from __future__ import annotations
 
 import asyncio
-import os
-import sysconfig
 import threading
 import time
 from collections import Counter
@@ -45,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastprof import _internal_errors
 from fastprof._context import RequestState, current_request
+from fastprof._frames import is_library
 from fastprof._routes import resolve_route
 from fastprof._watchdog import Block, Frame, LoopWatchdog, Sample
 from fastprof.metrics import LoopMetrics, ThreadpoolSnapshot
@@ -61,25 +60,10 @@ _LOG_STACK_FRAMES: Final = 8
 logger = structlog.get_logger("fastprof.loop")
 
 
-def _library_prefixes() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    keys = ("stdlib", "platstdlib", "purelib", "platlib")
-    prefixes = {paths[key] for key in keys if key in paths}
-    prefixes.add(os.path.dirname(os.path.abspath(__file__)))
-    return tuple(sorted(p.rstrip(os.sep) + os.sep for p in prefixes))
-
-
-_LIBRARY_PREFIXES: Final = _library_prefixes()
-
-
-def _is_library(path: str) -> bool:
-    return path.startswith("<") or path.startswith(_LIBRARY_PREFIXES)
-
-
 def _blocking_frame(stack: tuple[Frame, ...]) -> Frame | None:
     """The innermost application frame (not stdlib, site-packages or fastprof)."""
     for frame in reversed(stack):
-        if not _is_library(frame[0]):
+        if not is_library(frame[0]):
             return frame
     return stack[-1] if stack else None
 

@@ -32,6 +32,7 @@ _SHOWN_EVENT_ATTRIBUTES = (
     "code.function.name",
     "fastprof.operation",
     "fastprof.profile.top.function",
+    "fastprof.profile.top.location",
     "fastprof.profile.top.seconds",
 )
 

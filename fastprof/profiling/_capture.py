@@ -31,6 +31,7 @@ from pyinstrument.session import Session
 from pyinstrument.stack_sampler import build_call_stack
 
 from fastprof import _internal_errors
+from fastprof._frames import is_library
 
 __all__ = ["MAX_WORKER_CALLS", "MAX_WORKER_SAMPLES", "ProfileCapture", "hot_frames"]
 
@@ -223,7 +224,19 @@ def hot_frames(session: Session, limit: int) -> list[tuple[str, str, float]]:
     for stack, duration in session.frame_records:
         if not stack:
             continue
+        app_frame = _innermost_app_frame(stack)
+        if app_frame is not None:
+            # Charge the line of the application's own code that was running
+            # (including the library calls it made): "which line inside it".
+            totals[app_frame] = totals.get(app_frame, 0.0) + duration
+            continue
         leaf = frame_info_get_identifier(stack[-1])
+        if leaf == "[out-of-context]" or _is_loop_frame(leaf):
+            # The request's task was suspended and other work ran: say so,
+            # rather than naming the event loop's outermost frame.
+            key = "[out-of-context]"
+            totals[key] = totals.get(key, 0.0) + duration
+            continue
         if leaf in _SYNTHETIC:
             # "[await]" etc.: charge the frame that awaited, marked as such.
             if len(stack) < 2:
@@ -239,8 +252,28 @@ def hot_frames(session: Session, limit: int) -> list[tuple[str, str, float]]:
         line = parts[2] if len(parts) > 2 else ""
         if len(parts) > 3:
             function = f"{function} {parts[3]}"
-        out.append((function, f"{_short_path(path)}:{line}", round(seconds, 6)))
+        location = f"{_short_path(path)}:{line}" if path else ""
+        out.append((function, location, round(seconds, 6)))
     return out
+
+
+_LOOP_FILES = ("asyncio/runners.py", "asyncio/base_events.py", "asyncio/events.py")
+
+
+def _is_loop_frame(identifier: str) -> bool:
+    """A sample that stops in the event loop itself: the request's task was suspended."""
+    parts = identifier.split("\x00")
+    path = parts[1].replace("\\", "/") if len(parts) > 1 else ""
+    return path.endswith(_LOOP_FILES) or "/uvloop/" in path
+
+
+def _innermost_app_frame(stack: Any) -> str | None:
+    for frame in reversed(stack):
+        identifier = frame_info_get_identifier(frame)
+        parts = identifier.split("\x00")
+        if len(parts) > 1 and parts[1] and not is_library(parts[1]):
+            return identifier
+    return None
 
 
 def _short_path(path: str) -> str:
