@@ -5,10 +5,12 @@ Distribution ``fastprof-asgi``; import name ``fastprof``.
 
 from fastprof.__about__ import __version__
 from fastprof._context import RequestState, current_request
+from fastprof._dependencies import DependencySpans
 from fastprof._instrument import instrument
 from fastprof.middleware import FastprofMiddleware, RequestHooks
 
 __all__ = [
+    "DependencySpans",
     "FastprofMiddleware",
     "RequestHooks",
     "RequestState",

@@ -1,0 +1,865 @@
+"""One OpenTelemetry span per FastAPI ``Depends``, nested like the dependency tree.
+
+How it hooks FastAPI (FM-12, anchors P12):
+
+* FastAPI resolves a route's dependencies with ``solve_dependencies``, which
+  calls itself (through its module global) once per sub-dependency. fastprof
+  replaces that module global, and ``fastapi.routing``'s reference to it, with
+  one wrapper. Requests that fastprof does not trace pass straight through.
+* The wrapper never mutates the application's routes. It hands the original
+  solver a *mirror* of the dependant whose sub-dependencies call fastprof
+  wrappers. Mirrors are cached per dependant; wrappers are memoised per
+  original callable, so FastAPI's per-request cache (keyed on the callable)
+  still runs each cached dependency once, and ``dependency_overrides`` still
+  match the original callable (lookups are translated).
+* A wrapper has the same kind as the dependency (``async def``, ``def``,
+  generator, async generator), so FastAPI still runs sync code in the
+  threadpool and still treats ``yield`` dependencies as context managers.
+
+Span model: a dependency's span starts when FastAPI starts resolving it (so its
+own sub-dependencies are its children) and ends when its code returns, or, for
+a ``yield`` dependency, when it yields. The code after ``yield`` gets its own
+``teardown`` span, whenever FastAPI runs it, parented to the request's server
+span and linked to the setup span. A dependency served from FastAPI's cache gets
+no span of its own unless one of its sub-dependencies really ran.
+
+Spans are never attached across an ``await``/``yield`` boundary (FM-06); each
+run of dependency code attaches its span as the current one and detaches it in
+the same thread and task, so spans opened inside a dependency (database,
+HTTP client) become its children.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import logging
+import time
+import types
+import weakref
+from collections.abc import Callable, Coroutine, Generator
+from contextvars import ContextVar
+from typing import Any, Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TracerProvider
+from starlette.exceptions import HTTPException
+from starlette.types import Scope
+
+from fastprof import _internal_errors
+from fastprof.__about__ import __version__
+from fastprof._context import RequestState, Timing, current_request
+from fastprof.middleware import RequestHooks
+
+__all__ = ["DEFAULT_MAX_SPANS", "DependencySpans"]
+
+logger = logging.getLogger("fastprof")
+
+DEFAULT_MAX_SPANS: Final = 256
+_MAX_NAME: Final = 256
+_MAX_MIRRORS: Final = 4096
+_MAX_UNWEAKABLE: Final = 4096
+_EXTRA_KEY: Final = "fastprof.dependencies"
+_TRACER_NAME: Final = "fastprof"
+_STOP: Final = object()
+
+
+# --------------------------------------------------------------------------- installation
+
+
+class _Support:
+    """What was found in the installed FastAPI (filled by :func:`_install`)."""
+
+    installed = False
+    supported: bool | None = None
+    is_gen: Callable[[Any], bool] | None = None
+    is_async_gen: Callable[[Any], bool] | None = None
+    is_coroutine: Callable[[Any], bool] | None = None
+
+
+def _install() -> bool:
+    if _Support.supported is not None:
+        return _Support.supported
+    try:
+        import fastapi.dependencies.utils as utils
+        import fastapi.routing as routing
+    except ImportError:
+        _Support.supported = False
+        return False
+    try:
+        original = utils.solve_dependencies
+        params = inspect.signature(original).parameters
+        found = {
+            name: getattr(utils, name, None) or getattr(utils, name.lstrip("_"), None)
+            for name in ("_is_gen_callable", "_is_async_gen_callable", "_is_coroutine_callable")
+        }
+        ok = (
+            inspect.iscoroutinefunction(original)
+            and "dependant" in params
+            and "dependency_overrides_provider" in params
+            and all(callable(f) for f in found.values())
+        )
+    except Exception:  # pragma: no cover - defensive
+        ok = False
+    if not ok:
+        logger.warning(
+            "fastprof: this FastAPI version is not supported for dependency spans; "
+            "requests are traced without them"
+        )
+        _Support.supported = False
+        return False
+    _Support.is_gen = found["_is_gen_callable"]
+    _Support.is_async_gen = found["_is_async_gen_callable"]
+    _Support.is_coroutine = found["_is_coroutine_callable"]
+    setattr(utils, "solve_dependencies", _patch(original))  # noqa: B010
+    routing_solve = getattr(routing, "solve_dependencies", None)
+    if routing_solve is not None and not getattr(routing_solve, "__fastprof__", False):
+        setattr(routing, "solve_dependencies", _patch(routing_solve))  # noqa: B010
+    _Support.installed = True
+    _Support.supported = True
+    return True
+
+
+# --------------------------------------------------------------------------- per-callable data
+
+
+class _CallInfo:
+    """Static facts about one dependency callable."""
+
+    __slots__ = ("code_name", "kind", "name", "on_loop", "span_name", "teardown_name")
+
+    def __init__(self, call: Any, kind: str) -> None:
+        target = call
+        while isinstance(target, functools.partial):
+            target = target.func
+        qualname = getattr(target, "__qualname__", None)
+        module = getattr(target, "__module__", None)
+        if not isinstance(qualname, str):
+            qualname = type(target).__qualname__
+            module = type(target).__module__
+        name = qualname[:_MAX_NAME]
+        self.name = name
+        self.kind = kind
+        self.on_loop = kind in ("async", "async_generator")
+        self.code_name = f"{module}.{qualname}"[:_MAX_NAME] if module else name
+        self.span_name = f"dependency {name}"
+        self.teardown_name = f"teardown {name}"
+
+
+_wrappers: weakref.WeakKeyDictionary[Any, Callable[..., Any]] = weakref.WeakKeyDictionary()
+_unweakable: dict[int, tuple[Any, Callable[..., Any]]] = {}
+_mirrors: dict[int, tuple[Any, Any]] = {}
+
+
+def _kind(call: Any) -> str:
+    assert _Support.is_gen and _Support.is_async_gen and _Support.is_coroutine
+    if _Support.is_async_gen(call):
+        return "async_generator"
+    if _Support.is_gen(call):
+        return "generator"
+    if _Support.is_coroutine(call):
+        return "async"
+    return "sync"
+
+
+def _wrapper_for(call: Any) -> Any:
+    """The memoised wrapper of ``call`` (``call`` itself if it cannot be wrapped)."""
+    if call is None or getattr(call, "__fastprof_original__", None) is not None:
+        return call
+    try:
+        wrapper = _wrappers.get(call)
+        weakable = True
+    except TypeError:  # not hashable or not weak-referenceable
+        weakable = False
+        entry = _unweakable.get(id(call))
+        wrapper = entry[1] if entry is not None and entry[0] is call else None
+    if wrapper is not None:
+        return wrapper
+    wrapper = _make_wrapper(call, _CallInfo(call, _kind(call)))
+    if weakable:
+        _wrappers[call] = wrapper
+    elif len(_unweakable) < _MAX_UNWEAKABLE:
+        _unweakable[id(call)] = (call, wrapper)
+    else:
+        return call  # keep identity stable: never hand out two wrappers for one callable
+    return wrapper
+
+
+def _original_of(call: Any) -> Any:
+    if isinstance(call, types.FunctionType):
+        return call.__dict__.get("__fastprof_original__", call)
+    return call
+
+
+def _make_wrapper(call: Any, info: _CallInfo) -> Callable[..., Any]:
+    # The wrapper bodies use only closure variables and builtins, so they can be
+    # rebuilt with the dependency's own globals: FastAPI < 0.116 resolves string
+    # annotations with the *wrapper's* __globals__ when an override is active.
+    wrapper: Callable[..., Any]
+    if info.kind == "async":
+        wrapper = _async_wrapper(call, info, _run_async)
+    elif info.kind == "sync":
+        wrapper = _sync_wrapper(call, info, _run_sync)
+    elif info.kind == "generator":
+        wrapper = _gen_wrapper(call, info, _GenDriver, _STOP)
+    else:
+        wrapper = _async_gen_wrapper(call, info, _AsyncGenDriver, _STOP)
+    target = call
+    while isinstance(target, functools.partial):
+        target = target.func
+    user_globals = getattr(inspect.unwrap(target), "__globals__", None)
+    if isinstance(user_globals, dict) and isinstance(wrapper, types.FunctionType):
+        wrapper = types.FunctionType(
+            wrapper.__code__, user_globals, wrapper.__name__, None, wrapper.__closure__
+        )
+    functools.update_wrapper(wrapper, call, updated=())
+    wrapper.__fastprof_original__ = call  # type: ignore[attr-defined]
+    wrapper.__fastprof_info__ = info  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _async_wrapper(
+    fn: Any, info: _CallInfo, run: Callable[..., Coroutine[Any, Any, Any]]
+) -> Callable[..., Any]:
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return await run(fn, info, args, kwargs)
+
+    return wrapper
+
+
+def _sync_wrapper(fn: Any, info: _CallInfo, run: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return run(fn, info, args, kwargs)
+
+    return wrapper
+
+
+def _gen_wrapper(fn: Any, info: _CallInfo, driver: Any, stop: object) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, None]:
+        d = driver(fn(*args, **kwargs), info)
+        value = d.start()
+        while value is not stop:
+            try:
+                sent = yield value
+            except BaseException as exc:
+                value = d.throw(exc)
+            else:
+                value = d.send(sent)
+
+    return wrapper
+
+
+def _async_gen_wrapper(
+    fn: Any, info: _CallInfo, driver: Any, stop: object
+) -> Callable[..., Any]:
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        d = driver(fn(*args, **kwargs), info)
+        value = await d.start()
+        while value is not stop:
+            try:
+                sent = yield value
+            except BaseException as exc:
+                value = await d.throw(exc)
+            else:
+                value = await d.send(sent)
+
+    return wrapper
+
+
+def _mirror(dependant: Any) -> Any:
+    """``dependant`` with every sub-dependency's ``call`` replaced by its wrapper."""
+    entry = _mirrors.get(id(dependant))
+    if entry is not None and entry[0] is dependant:
+        return entry[1]
+    mirror = dependant
+    subs = dependant.dependencies
+    if subs:
+        wrapped = []
+        changed = False
+        for sub in subs:
+            wrapper = _wrapper_for(sub.call)
+            if wrapper is not sub.call:
+                sub = copy.copy(sub)
+                sub.call = wrapper
+                changed = True
+            wrapped.append(sub)
+        if changed:
+            mirror = copy.copy(dependant)
+            mirror.dependencies = wrapped
+    if len(_mirrors) >= _MAX_MIRRORS:
+        _mirrors.clear()
+    _mirrors[id(dependant)] = (dependant, mirror)
+    return mirror
+
+
+class _OverridesView:
+    """``app.dependency_overrides`` as seen through fastprof's wrappers."""
+
+    __slots__ = ("_overrides",)
+
+    def __init__(self, overrides: Any) -> None:
+        self._overrides = overrides
+
+    def __bool__(self) -> bool:
+        return bool(self._overrides)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        original = _original_of(key)
+        if original in self._overrides:
+            return _wrapper_for(self._overrides[original])
+        return default
+
+
+class _OverridesProvider:
+    __slots__ = ("dependency_overrides",)
+
+    def __init__(self, provider: Any) -> None:
+        self.dependency_overrides = _OverridesView(provider.dependency_overrides)
+
+
+# --------------------------------------------------------------------------- per-request data
+
+
+class _Tracker:
+    """Per-request dependency bookkeeping, stored in ``RequestState.extra``."""
+
+    __slots__ = ("epoch_offset", "max_spans", "pending", "server_ctx", "state", "tracer")
+
+    def __init__(self, tracer: trace.Tracer, max_spans: int, state: RequestState) -> None:
+        self.tracer = tracer
+        self.max_spans = max_spans
+        self.state = state
+        self.pending: _Node | None = None
+        self.epoch_offset = time.time_ns() - time.perf_counter_ns()
+        self.server_ctx: Context | None = None
+
+
+class _Node:
+    """One dependency (or the root being solved) in one request."""
+
+    __slots__ = (
+        "called_ns",
+        "ctx",
+        "dropped",
+        "info",
+        "mirror",
+        "parent",
+        "prev_operation",
+        "ready_ns",
+        "span",
+        "start_ns",
+        "token",
+        "tracker",
+    )
+
+    def __init__(
+        self, tracker: _Tracker, info: _CallInfo | None, parent: _Node | None, ctx: Context
+    ) -> None:
+        self.tracker = tracker
+        self.info = info  # None for the root (the endpoint's own dependant)
+        self.parent = parent
+        self.ctx = ctx
+        self.start_ns = time.perf_counter_ns()
+        self.ready_ns = 0
+        self.called_ns = 0
+        self.span: Span | None = None
+        self.dropped = False
+        self.mirror: Any = None
+        self.token: Any = None
+        self.prev_operation: str | None = None
+
+
+_current_node: ContextVar[_Node | None] = ContextVar("fastprof_dependency_node", default=None)
+
+
+def _tracker() -> _Tracker | None:
+    state = current_request.get()
+    if state is None or not state.extra:
+        return None
+    tracker = state.extra.get(_EXTRA_KEY)
+    return tracker if isinstance(tracker, _Tracker) else None
+
+
+def _new_span(
+    tracker: _Tracker,
+    name: str,
+    ctx: Context,
+    start_ns: int,
+    attributes: dict[str, Any],
+    links: list[Link] | None = None,
+) -> Span | None:
+    state = tracker.state
+    if state.dependency_spans >= tracker.max_spans:
+        state.dependency_spans_dropped += 1
+        return None
+    state.dependency_spans += 1
+    return tracker.tracer.start_span(
+        name,
+        context=ctx,
+        kind=SpanKind.INTERNAL,
+        attributes=attributes,
+        links=links,
+        start_time=start_ns + tracker.epoch_offset,
+    )
+
+
+def _ensure_span(node: _Node) -> Span | None:
+    """The node's span, created on first need (with its real start time)."""
+    if node.span is None and not node.dropped and node.info is not None:
+        info = node.info
+        node.span = _new_span(
+            node.tracker,
+            info.span_name,
+            _parent_context(node),
+            node.start_ns,
+            {"code.function.name": info.code_name, "fastprof.dependency.kind": info.kind},
+        )
+        node.dropped = node.span is None
+    return node.span
+
+
+def _parent_context(node: _Node) -> Context:
+    parent = node.parent
+    while parent is not None:
+        span = _ensure_span(parent)
+        if span is not None:
+            return trace.set_span_in_context(span, node.ctx)
+        parent = parent.parent
+    return node.ctx
+
+
+def _end_unconsumed(node: _Node, cached: bool) -> None:
+    """Close a dependency FastAPI resolved but did not call (cache hit, invalid input)."""
+    span = node.span
+    if span is not None:
+        span.set_attribute("fastprof.dependency.cached", cached)
+        span.end(end_time=(node.ready_ns or time.perf_counter_ns()) + node.tracker.epoch_offset)
+
+
+def _settle_pending(tracker: _Tracker) -> None:
+    node = tracker.pending
+    if node is not None:
+        tracker.pending = None
+        _end_unconsumed(node, cached=True)
+
+
+# --------------------------------------------------------------------------- the solver hook
+
+
+def _patch(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def solve_dependencies(*args: Any, **kwargs: Any) -> Any:
+        dependant = kwargs.get("dependant")
+        tracker = _tracker() if dependant is not None and not args else None
+        if tracker is None:
+            return await original(*args, **kwargs)
+        parent = _current_node.get()
+        if parent is not None and parent.mirror is dependant:
+            return await original(*args, **kwargs)  # another layer of wrapping
+        try:
+            node = _enter_solve(tracker, parent, dependant, kwargs)
+        except Exception as exc:
+            _internal_errors.report("dependencies.solve_start", exc)
+            return await original(*args, **kwargs)
+        token = _current_node.set(node)
+        try:
+            result = await original(*args, **kwargs)
+        except BaseException:
+            _current_node.reset(token)
+            try:
+                _settle_pending(tracker)
+                if node.span is not None:
+                    node.span.end()
+            except Exception as exc:
+                _internal_errors.report("dependencies.solve_end", exc)
+            raise
+        _current_node.reset(token)
+        try:
+            _leave_solve(tracker, node, result)
+        except Exception as exc:
+            _internal_errors.report("dependencies.solve_end", exc)
+        return result
+
+    solve_dependencies.__fastprof__ = True  # type: ignore[attr-defined]
+    return solve_dependencies
+
+
+def _enter_solve(
+    tracker: _Tracker, parent: _Node | None, dependant: Any, kwargs: dict[str, Any]
+) -> _Node:
+    _settle_pending(tracker)
+    if parent is None:  # the root: the endpoint (or router) being solved
+        node = _Node(tracker, None, None, otel_context.get_current())
+    else:
+        # info is None when FastAPI will call something fastprof did not wrap:
+        # the node then only groups its children.
+        node = _Node(tracker, _info_of(dependant.call), parent, parent.ctx)
+    node.mirror = _mirror(dependant)
+    kwargs["dependant"] = node.mirror
+    provider = kwargs.get("dependency_overrides_provider")
+    if (
+        provider is not None
+        and not isinstance(provider, _OverridesProvider)
+        and getattr(provider, "dependency_overrides", None)
+    ):
+        kwargs["dependency_overrides_provider"] = _OverridesProvider(provider)
+    return node
+
+
+def _info_of(call: Any) -> _CallInfo | None:
+    if isinstance(call, types.FunctionType):
+        info = call.__dict__.get("__fastprof_info__")
+        if isinstance(info, _CallInfo):
+            return info
+    return None
+
+
+def _leave_solve(tracker: _Tracker, node: _Node, result: Any) -> None:
+    _settle_pending(tracker)
+    if node.info is None:
+        return
+    node.ready_ns = time.perf_counter_ns()
+    if getattr(result, "errors", None):
+        _end_unconsumed(node, cached=False)  # invalid input: FastAPI will not call it
+    else:
+        tracker.pending = node  # the wrapper called next picks it up
+
+
+# ------------------------------------------------------------------ running dependency code
+
+
+def _begin(info: _CallInfo) -> _Node | None:
+    """Start timing one run of a dependency (called by its wrapper)."""
+    try:
+        tracker = _tracker()
+        if tracker is None:
+            return None
+        node = tracker.pending
+        if node is not None and node.info is info:
+            tracker.pending = None
+        else:
+            _settle_pending(tracker)
+            parent = _current_node.get()
+            node = _Node(
+                tracker, info, parent, parent.ctx if parent else otel_context.get_current()
+            )
+        node.called_ns = time.perf_counter_ns()
+        _ensure_span(node)
+        return node
+    except Exception as exc:
+        _internal_errors.report("dependencies.begin", exc)
+        return None
+
+
+def _attach(node: _Node, on_loop: bool) -> None:
+    try:
+        span = node.span
+        if span is not None:
+            node.token = otel_context.attach(trace.set_span_in_context(span, node.ctx))
+        if on_loop and node.info is not None:
+            state = node.tracker.state
+            node.prev_operation = state.current_operation
+            state.current_operation = node.info.name
+    except Exception as exc:
+        _internal_errors.report("dependencies.attach", exc)
+
+
+def _detach(node: _Node, on_loop: bool) -> None:
+    try:
+        if node.token is not None:
+            token, node.token = node.token, None
+            otel_context.detach(token)
+        if on_loop:
+            node.tracker.state.current_operation = node.prev_operation
+    except Exception as exc:
+        _internal_errors.report("dependencies.detach", exc)
+
+
+def _finish(node: _Node, error: BaseException | None, kind: str = "dependency") -> None:
+    """End one run of dependency code: span, timing."""
+    try:
+        end = time.perf_counter_ns()
+        duration_s = (end - node.called_ns) / 1e9
+        wait_s = 0.0
+        info = node.info
+        assert info is not None
+        if not info.on_loop and node.ready_ns and kind == "dependency":
+            wait_s = max(0, node.called_ns - node.ready_ns) / 1e9
+        node.tracker.state.add_timing(Timing(info.name, kind, duration_s, wait_s))
+        span = node.span
+        if span is not None:
+            if wait_s:
+                span.set_attribute("fastprof.threadpool.wait_s", wait_s)
+            if error is not None:
+                _record_error(span, error)
+            span.end(end_time=end + node.tracker.epoch_offset)
+    except Exception as exc:
+        _internal_errors.report("dependencies.end", exc)
+
+
+def _record_error(span: Span, error: BaseException) -> None:
+    if isinstance(error, HTTPException):
+        span.set_attribute("http.response.status_code", error.status_code)
+        return
+    cls = type(error)
+    error_type = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+    span.set_attribute("error.type", error_type)
+    if isinstance(error, Exception):
+        span.record_exception(error, escaped=True)
+        span.set_status(Status(StatusCode.ERROR))
+
+
+async def _run_async(fn: Any, info: _CallInfo, args: Any, kwargs: Any) -> Any:
+    node = _begin(info)
+    if node is None:
+        return await fn(*args, **kwargs)
+    _attach(node, True)
+    try:
+        result = await fn(*args, **kwargs)
+    except BaseException as exc:
+        _detach(node, True)
+        _finish(node, exc)
+        raise
+    _detach(node, True)
+    _finish(node, None)
+    return result
+
+
+def _call_in_worker(node: _Node, step: Callable[[], Any]) -> Any:
+    hook = node.tracker.state.worker_hook
+    return hook(step) if hook is not None else step()
+
+
+def _run_sync(fn: Any, info: _CallInfo, args: Any, kwargs: Any) -> Any:
+    node = _begin(info)
+    if node is None:
+        return fn(*args, **kwargs)
+    _attach(node, False)
+    try:
+        result = _call_in_worker(node, functools.partial(fn, *args, **kwargs))
+    except BaseException as exc:
+        _detach(node, False)
+        _finish(node, exc)
+        raise
+    _detach(node, False)
+    _finish(node, None)
+    return result
+
+
+def _begin_teardown(setup: _Node | None) -> _Node | None:
+    if setup is None:
+        return None
+    try:
+        tracker = setup.tracker
+        info = setup.info
+        assert info is not None
+        node = _Node(tracker, info, None, setup.ctx)
+        node.called_ns = node.start_ns
+        if tracker.server_ctx is None:
+            tracker.server_ctx = trace.set_span_in_context(tracker.state.span, setup.ctx)
+        links = [Link(setup.span.get_span_context())] if setup.span is not None else None
+        node.span = _new_span(
+            tracker,
+            info.teardown_name,
+            tracker.server_ctx,
+            node.start_ns,
+            {
+                "code.function.name": info.code_name,
+                "fastprof.dependency.kind": info.kind,
+                "fastprof.dependency.phase": "teardown",
+            },
+            links,
+        )
+        return node
+    except Exception as exc:
+        _internal_errors.report("dependencies.teardown_begin", exc)
+        return None
+
+
+class _GenDriver:
+    """Drives a sync ``yield`` dependency for its wrapper (runs in worker threads)."""
+
+    __slots__ = ("gen", "info", "node")
+
+    def __init__(self, gen: Generator[Any, Any, Any], info: _CallInfo) -> None:
+        self.gen = gen
+        self.info = info
+        self.node: _Node | None = None
+
+    def _step(self, node: _Node | None, step: Callable[[], Any]) -> Any:
+        return _call_in_worker(node, step) if node is not None else step()
+
+    def start(self) -> Any:
+        node = self.node = _begin(self.info)
+        if node is not None:
+            _attach(node, False)
+        try:
+            value = self._step(node, self.gen.__next__)
+        except StopIteration:
+            value = _STOP
+        except BaseException as exc:
+            if node is not None:
+                _detach(node, False)
+                _finish(node, exc)
+            raise
+        if node is not None:
+            _detach(node, False)
+            _finish(node, None)
+        return value
+
+    def send(self, sent: Any) -> Any:
+        return self._resume(functools.partial(self.gen.send, sent), None)
+
+    def throw(self, exc: BaseException) -> Any:
+        if isinstance(exc, GeneratorExit):
+            self.gen.close()
+            raise exc
+        return self._resume(functools.partial(self.gen.throw, exc), exc)
+
+    def _resume(self, step: Callable[[], Any], thrown: BaseException | None) -> Any:
+        node = _begin_teardown(self.node)
+        if node is not None:
+            _attach(node, False)
+        try:
+            value = self._step(node, step)
+        except StopIteration:
+            value = _STOP
+        except BaseException as exc:
+            if node is not None:
+                _detach(node, False)
+                _finish(node, None if exc is thrown else exc, "teardown")
+            raise
+        if node is not None:
+            _detach(node, False)
+            _finish(node, None, "teardown")
+        return value
+
+
+class _AsyncGenDriver:
+    """Drives an async ``yield`` dependency for its wrapper (runs on the event loop)."""
+
+    __slots__ = ("agen", "info", "node")
+
+    def __init__(self, agen: Any, info: _CallInfo) -> None:
+        self.agen = agen
+        self.info = info
+        self.node: _Node | None = None
+
+    async def start(self) -> Any:
+        node = self.node = _begin(self.info)
+        if node is not None:
+            _attach(node, True)
+        try:
+            value = await self.agen.__anext__()
+        except StopAsyncIteration:
+            value = _STOP
+        except BaseException as exc:
+            if node is not None:
+                _detach(node, True)
+                _finish(node, exc)
+            raise
+        if node is not None:
+            _detach(node, True)
+            _finish(node, None)
+        return value
+
+    async def send(self, sent: Any) -> Any:
+        return await self._resume(self.agen.asend(sent), None)
+
+    async def throw(self, exc: BaseException) -> Any:
+        if isinstance(exc, GeneratorExit):
+            await self.agen.aclose()
+            raise exc
+        return await self._resume(self.agen.athrow(exc), exc)
+
+    async def _resume(self, step: Any, thrown: BaseException | None) -> Any:
+        node = _begin_teardown(self.node)
+        if node is not None:
+            _attach(node, True)
+        try:
+            value = await step
+        except StopAsyncIteration:
+            value = _STOP
+        except BaseException as exc:
+            if node is not None:
+                _detach(node, True)
+                _finish(node, None if exc is thrown else exc, "teardown")
+            raise
+        if node is not None:
+            _detach(node, True)
+            _finish(node, None, "teardown")
+        return value
+
+
+# --------------------------------------------------------------------------- public component
+
+
+class DependencySpans(RequestHooks):
+    """Per-dependency spans for FastAPI apps: pass it in ``hooks=[...]``.
+
+    Usage::
+
+        fastprof.instrument(app, hooks=[fastprof.DependencySpans()])
+
+    Every ``Depends``/``Security`` of a traced request gets a span named
+    ``dependency <qualname>`` (children: its own sub-dependencies), and every
+    ``yield`` dependency a ``teardown <qualname>`` span for the code after
+    ``yield``. Each run is also recorded in ``RequestState.timings`` (kinds
+    ``"dependency"`` and ``"teardown"``, with threadpool wait for sync code).
+
+    Creating the first instance hooks FastAPI's dependency solver once per
+    process; requests fastprof does not trace are unaffected. Without FastAPI,
+    or with an unsupported version, it does nothing.
+
+    Args:
+        tracer_provider: Provider for the spans; defaults to the global one. Use
+            the same one as :class:`~fastprof.FastprofMiddleware`.
+        max_spans: Most dependency spans per request (setup and teardown count
+            alike). Further ones are counted in the server span attribute
+            ``fastprof.dependency_spans_dropped``; timings are still recorded.
+    """
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        max_spans: int = DEFAULT_MAX_SPANS,
+    ) -> None:
+        if tracer_provider is not None and not hasattr(tracer_provider, "get_tracer"):
+            raise ValueError(
+                "tracer_provider: expected an opentelemetry TracerProvider, "
+                f"got {type(tracer_provider).__name__}"
+            )
+        if isinstance(max_spans, bool) or not isinstance(max_spans, int) or not (
+            0 <= max_spans <= 10_000
+        ):
+            raise ValueError(f"max_spans: expected an int between 0 and 10000, got {max_spans!r}")
+        self._tracer = (
+            tracer_provider.get_tracer(_TRACER_NAME, __version__)
+            if tracer_provider is not None
+            else trace.get_tracer(_TRACER_NAME, __version__)
+        )
+        self._max_spans = max_spans
+        self.enabled = _install()
+
+    def on_request_start(self, state: RequestState, scope: Scope) -> None:
+        if not self.enabled:
+            return
+        if state.extra is None:
+            state.extra = {}
+        state.extra[_EXTRA_KEY] = _Tracker(self._tracer, self._max_spans, state)
+
+    def on_request_end(self, state: RequestState) -> None:
+        tracker = state.extra.get(_EXTRA_KEY) if state.extra else None
+        if not isinstance(tracker, _Tracker):
+            return
+        _settle_pending(tracker)
+        if state.dependency_spans_dropped and state.span.is_recording():
+            state.span.set_attribute(
+                "fastprof.dependency_spans_dropped", state.dependency_spans_dropped
+            )
