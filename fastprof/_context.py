@@ -13,8 +13,8 @@ Everything stored here is bounded: timings are kept up to
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:

@@ -15,6 +15,7 @@ Never raises: returns ``None`` when no route matched.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 __all__ = ["resolve_route"]
@@ -22,16 +23,25 @@ __all__ = ["resolve_route"]
 _MAX_DEPTH = 16
 
 
-def resolve_route(scope: dict[str, Any], entry_root_path: str, entry_path: str) -> str | None:
+def resolve_route(
+    scope: MutableMapping[str, Any], entry_app: Any, entry_root_path: str, entry_path: str
+) -> str | None:
+    """Return the template of the route that handled ``scope``, or ``None``.
+
+    ``entry_app``, ``entry_root_path`` and ``entry_path`` are the values of
+    ``scope["app"]``, ``scope["root_path"]`` and ``scope["path"]`` when the
+    request reached fastprof (routing mutates the scope in place).
+    """
     route = scope.get("route")
     if route is not None:
         path_format = getattr(route, "path_format", None)
         if isinstance(path_format, str):
             root_path = scope.get("root_path", "")
-            prefix = root_path[len(entry_root_path) :] if root_path.startswith(entry_root_path) else ""
+            prefix = (
+                root_path[len(entry_root_path) :] if root_path.startswith(entry_root_path) else ""
+            )
             return prefix + path_format
-    app = scope.get("app")
-    routes = _routes_of(app)
+    routes = _routes_of(entry_app)
     if routes is None:
         return None
     probe: dict[str, Any] = {

@@ -33,7 +33,9 @@ class Spans:
     def children_of(self, span: ReadableSpan) -> list[ReadableSpan]:
         assert span.context is not None
         return [
-            s for s in self.all() if s.parent is not None and s.parent.span_id == span.context.span_id
+            s
+            for s in self.all()
+            if s.parent is not None and s.parent.span_id == span.context.span_id
         ]
 
     def clear(self) -> None:

@@ -29,9 +29,7 @@ from fastprof._routes import resolve_route
 
 __all__ = ["ExcludeOption", "FastprofMiddleware", "RequestHooks"]
 
-ExcludeOption = (
-    Iterable[str] | str | re.Pattern[str] | Callable[[Scope], bool] | None
-)
+ExcludeOption = Iterable[str] | str | re.Pattern[str] | Callable[[Scope], bool] | None
 
 TRACER_NAME: Final = "fastprof"
 _QUERY_POLICIES: Final = ("redact_sensitive", "redact_all", "omit")
@@ -138,7 +136,9 @@ class FastprofMiddleware:
             if header is not None and (
                 not isinstance(header, str) or not re.fullmatch(r"[A-Za-z0-9\-]{1,64}", header)
             ):
-                raise ValueError(f"{name}: expected a header name like 'X-Request-ID', got {header!r}")
+                raise ValueError(
+                    f"{name}: expected a header name like 'X-Request-ID', got {header!r}"
+                )
         hooks = tuple(hooks)
         for hook in hooks:
             if not isinstance(hook, RequestHooks):
@@ -195,8 +195,10 @@ class _Request:
         "_mw",
         "_owned",
         "_response_started",
+        "_span_method",
         "_state_token",
         "_trailers",
+        "entry_app",
         "entry_path",
         "entry_root_path",
         "state",
@@ -213,12 +215,15 @@ class _Request:
         method = scope.get("method", "GET")
         self.entry_path = scope.get("path", "")
         self.entry_root_path = scope.get("root_path", "")
+        self.entry_app = scope.get("app")
 
         span = _foreign_server_span(scope)
         self._owned = span is None
+        self._span_method = ""
         if span is None:
             parent = extract_context(headers)
             span_method, method_attrs = method_attributes(method)
+            self._span_method = span_method
             span = mw._tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
             if span.is_recording():
                 span.set_attributes(self._request_attributes(scope, headers, method_attrs))
@@ -353,7 +358,9 @@ class _Request:
         self._finished = True
         state = self.state
         try:
-            state.route = resolve_route(scope, self.entry_root_path, self.entry_path)
+            state.route = resolve_route(
+                scope, self.entry_app, self.entry_root_path, self.entry_path
+            )
             span = state.span
             if span.is_recording():
                 self._annotate(span, error)
@@ -387,8 +394,7 @@ class _Request:
         if state.route is not None:
             route = truncate(state.route, limit)
             attrs["http.route"] = route
-            span_method = span.name if isinstance(getattr(span, "name", None), str) else ""
-            span.update_name(f"{span_method} {route}")
+            span.update_name(f"{self._span_method} {route}")
         error_type: str | None = None
         if error is not None:
             if isinstance(error, Exception):
@@ -408,7 +414,9 @@ class _Request:
 
 def _qualname(exc: BaseException) -> str:
     cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
 
 
 def _foreign_server_span(scope: Scope) -> trace.Span | None:
@@ -439,4 +447,3 @@ def _foreign_server_span(scope: Scope) -> trace.Span | None:
 
 def _is_sdk_span(span: trace.Span) -> bool:
     return hasattr(span, "end_time")
-

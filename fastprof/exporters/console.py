@@ -1,0 +1,92 @@
+"""Print finished traces as indented trees: the zero-setup exporter for development."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TextIO
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+__all__ = ["SpanTreePrinter", "format_trace"]
+
+_SHOWN_ATTRIBUTES = (
+    "http.route",
+    "http.response.status_code",
+    "code.function.name",
+    "fastprof.dependency.kind",
+    "fastprof.dependency.cache_hit",
+    "fastprof.threadpool.wait_s",
+    "fastprof.request_id",
+    "fastprof.profile.id",
+    "error.type",
+)
+
+
+class SpanTreePrinter(SpanExporter):
+    """A span exporter that writes each trace as a tree once its local root ends.
+
+    Use with a ``SimpleSpanProcessor`` in development only. Pending traces are
+    bounded (``max_pending_traces``); the oldest is printed as-is when exceeded.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, max_pending_traces: int = 256) -> None:
+        self._stream = stream
+        self._pending: OrderedDict[int, list[ReadableSpan]] = OrderedDict()
+        self._max_pending = max_pending_traces
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        ready: list[list[ReadableSpan]] = []
+        with self._lock:
+            for span in spans:
+                if span.context is None:
+                    continue
+                trace_id = span.context.trace_id
+                self._pending.setdefault(trace_id, []).append(span)
+                if span.parent is None or span.parent.is_remote:
+                    ready.append(self._pending.pop(trace_id))
+            while len(self._pending) > self._max_pending:
+                ready.append(self._pending.popitem(last=False)[1])
+        stream = self._stream or sys.stdout
+        for group in ready:
+            stream.write(format_trace(group))
+            stream.flush()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        with self._lock:
+            groups = list(self._pending.values())
+            self._pending.clear()
+        for group in groups:
+            (self._stream or sys.stdout).write(format_trace(group))
+
+
+def format_trace(spans: Sequence[ReadableSpan]) -> str:
+    """Render spans of one trace as an indented tree with durations in ms."""
+    by_id = {s.context.span_id: s for s in spans if s.context is not None}
+    children: dict[int | None, list[ReadableSpan]] = {}
+    for span in spans:
+        parent = span.parent.span_id if span.parent is not None else None
+        key = parent if parent in by_id else None
+        children.setdefault(key, []).append(span)
+    for group in children.values():
+        group.sort(key=lambda s: s.start_time or 0)
+    lines: list[str] = []
+
+    def walk(span: ReadableSpan, depth: int) -> None:
+        duration_ms = ((span.end_time or 0) - (span.start_time or 0)) / 1e6
+        attrs = span.attributes or {}
+        shown = " ".join(f"{k}={attrs[k]!s}" for k in _SHOWN_ATTRIBUTES if k in attrs)
+        status = " ERROR" if span.status.status_code.name == "ERROR" else ""
+        lines.append(f"{'  ' * depth}{span.name}  {duration_ms:.2f} ms{status}  {shown}".rstrip())
+        if span.context is not None:
+            for child in children.get(span.context.span_id, []):
+                walk(child, depth + 1)
+
+    for root in children.get(None, []):
+        walk(root, 0)
+    return "\n".join(lines) + "\n\n"
