@@ -356,12 +356,16 @@ async def test_hook_failures_are_contained(spans: Spans) -> None:
         def on_request_end(self, state: Any) -> None:
             raise RuntimeError("end")
 
+        def on_app_exit(self, state: Any) -> None:
+            raise RuntimeError("exit")
+
     app = build_app(spans, hooks=[Broken()])
     assert (await get(app, "/api/items/1")).json() == {"item_id": 1}
     assert _internal_errors.counts() == {
         "hook.on_request_start": 1,
         "hook.on_response_start": 1,
         "hook.on_request_end": 1,
+        "hook.on_app_exit": 1,
     }
 
 
@@ -454,3 +458,37 @@ async def test_unsampled_requests_record_nothing_but_propagate(spans: Spans) -> 
     (ctx,) = seen
     assert format(ctx.trace_id, "032x") == TRACE_ID
     assert not ctx.trace_flags.sampled
+
+
+async def test_hooks_run_in_order_with_span_state(spans: Spans) -> None:
+    """on_request_end sees the live span; on_app_exit runs after background tasks."""
+    calls: list[tuple[str, Any]] = []
+
+    class Recorder(fastprof.RequestHooks):
+        def on_request_start(self, state: Any, scope: Any) -> None:
+            calls.append(("start", state.span.is_recording()))
+
+        def on_response_start(self, state: Any, message: Any) -> None:
+            calls.append(("response_start", message["status"]))
+
+        def on_request_end(self, state: Any) -> None:
+            calls.append(("end", state.span.is_recording()))
+
+        def on_app_exit(self, state: Any) -> None:
+            calls.append(("exit", state.span.is_recording()))
+
+    from starlette.background import BackgroundTask
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(calls.append, ("bg", None)))
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    fastprof.instrument(app, tracer_provider=spans.provider, hooks=[Recorder()])
+    await get(app, "/")
+    assert calls == [
+        ("start", True),
+        ("response_start", 200),
+        ("end", True),
+        ("bg", None),
+        ("exit", False),
+    ]

@@ -50,7 +50,18 @@ class RequestHooks:
         """Called before ``http.response.start`` is sent; may append headers."""
 
     def on_request_end(self, state: RequestState) -> None:
-        """Called in the request's task once the response is complete (or failed)."""
+        """Called once the response is complete (or failed), before the span ends.
+
+        Usually in the request's task; with Starlette's streaming responses on
+        ASGI spec < 2.4 the last body message is sent from a child task.
+        """
+
+    def on_app_exit(self, state: RequestState) -> None:
+        """Called in the request's task when the application call returns or raises.
+
+        This is after background tasks and, on FastAPI >= 0.118, after
+        yield-dependency teardown; a SERVER span fastprof owns has already ended.
+        """
 
 
 def _compile_exclude(exclude: ExcludeOption) -> Callable[[Scope], bool] | None:
@@ -288,6 +299,11 @@ class _Request:
             if not self._finished:
                 self._finish(scope, None)
         finally:
+            for hook in hooks:
+                try:
+                    hook.on_app_exit(self.state)
+                except Exception as exc:
+                    _internal_errors.report("hook.on_app_exit", exc)
             if self._context_token is not None:
                 try:
                     otel_context.detach(self._context_token)
