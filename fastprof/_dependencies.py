@@ -129,7 +129,16 @@ def _install() -> bool:
 class _CallInfo:
     """Static facts about one dependency callable."""
 
-    __slots__ = ("code_name", "kind", "name", "on_loop", "span_name", "teardown_name")
+    __slots__ = (
+        "attributes",
+        "code_name",
+        "kind",
+        "name",
+        "on_loop",
+        "span_name",
+        "teardown_attributes",
+        "teardown_name",
+    )
 
     def __init__(self, call: Any, kind: str) -> None:
         target = call
@@ -147,11 +156,35 @@ class _CallInfo:
         self.code_name = f"{module}.{qualname}"[:_MAX_NAME] if module else name
         self.span_name = f"dependency {name}"
         self.teardown_name = f"teardown {name}"
+        shown = "class" if isinstance(target, type) else kind
+        self.attributes = {"code.function.name": self.code_name, "fastprof.dependency.kind": shown}
+        self.teardown_attributes = {**self.attributes, "fastprof.dependency.phase": "teardown"}
 
 
 _wrappers: weakref.WeakKeyDictionary[Any, Callable[..., Any]] = weakref.WeakKeyDictionary()
 _unweakable: dict[int, tuple[Any, Callable[..., Any]]] = {}
-_mirrors: dict[int, tuple[Any, Any]] = {}
+_mirrors: dict[tuple[bool, bool], dict[int, tuple[Any, Any]]] = {
+    (marked, root): {} for marked in (False, True) for root in (False, True)
+}
+_marked: weakref.WeakSet[Any] = weakref.WeakSet()
+_marked_unweakable: dict[int, Any] = {}
+
+
+def mark(call: Any) -> None:
+    """Time ``call`` in ``dependencies="marked"`` mode (see :mod:`fastprof.depends`)."""
+    try:
+        _marked.add(call)
+    except TypeError:
+        if len(_marked_unweakable) < _MAX_UNWEAKABLE:
+            _marked_unweakable[id(call)] = call
+
+
+def is_marked(call: Any) -> bool:
+    original = _original_of(call)
+    try:
+        return original in _marked
+    except TypeError:
+        return _marked_unweakable.get(id(original)) is original
 
 
 def _kind(call: Any) -> str:
@@ -269,39 +302,51 @@ def _async_gen_wrapper(
     return wrapper
 
 
-def _mirror(dependant: Any) -> Any:
-    """``dependant`` with every sub-dependency's ``call`` replaced by its wrapper."""
-    entry = _mirrors.get(id(dependant))
+def _wrapper_if_timed(call: Any, marked_only: bool) -> Any:
+    if marked_only and not is_marked(call):
+        return call
+    return _wrapper_for(call)
+
+
+def _mirror_of(dependant: Any, marked_only: bool, root: bool) -> Any:
+    """``dependant`` with every dependency below it calling fastprof's wrappers.
+
+    Built once per dependant (and mode) and cached: the request path only does a
+    dict lookup. Mirrors are fixed points (a mirror's mirror is itself), so the
+    sub-dependants FastAPI hands back to the solver are recognised at once.
+    """
+    cache = _mirrors[(marked_only, root)]
+    entry = cache.get(id(dependant))
     if entry is not None and entry[0] is dependant:
         return entry[1]
     mirror = dependant
-    subs = dependant.dependencies
-    if subs:
-        wrapped = []
-        changed = False
-        for sub in subs:
-            wrapper = _wrapper_for(sub.call)
-            if wrapper is not sub.call:
-                sub = copy.copy(sub)
-                sub.call = wrapper
-                changed = True
-            wrapped.append(sub)
-        if changed:
-            mirror = copy.copy(dependant)
-            mirror.dependencies = wrapped
-    if len(_mirrors) >= _MAX_MIRRORS:
-        _mirrors.clear()
-    _mirrors[id(dependant)] = (dependant, mirror)
+    changed = False
+    subs = []
+    for sub in dependant.dependencies:
+        sub_mirror = _mirror_of(sub, marked_only, root=False)
+        changed = changed or sub_mirror is not sub
+        subs.append(sub_mirror)
+    call = dependant.call if root else _wrapper_if_timed(dependant.call, marked_only)
+    if changed or call is not dependant.call:
+        mirror = copy.copy(dependant)
+        mirror.dependencies = subs
+        mirror.call = call
+    if len(cache) >= _MAX_MIRRORS:
+        cache.clear()
+    cache[id(dependant)] = (dependant, mirror)
+    if mirror is not dependant:
+        _mirrors[(marked_only, False)][id(mirror)] = (mirror, mirror)
     return mirror
 
 
 class _OverridesView:
     """``app.dependency_overrides`` as seen through fastprof's wrappers."""
 
-    __slots__ = ("_overrides",)
+    __slots__ = ("_marked_only", "_overrides")
 
-    def __init__(self, overrides: Any) -> None:
+    def __init__(self, overrides: Any, marked_only: bool) -> None:
         self._overrides = overrides
+        self._marked_only = marked_only
 
     def __bool__(self) -> bool:
         return bool(self._overrides)
@@ -309,32 +354,50 @@ class _OverridesView:
     def get(self, key: Any, default: Any = None) -> Any:
         original = _original_of(key)
         if original in self._overrides:
-            return _wrapper_for(self._overrides[original])
+            override = self._overrides[original]
+            if self._marked_only and not (is_marked(original) or is_marked(override)):
+                return override
+            return _wrapper_for(override)
         return default
 
 
 class _OverridesProvider:
     __slots__ = ("dependency_overrides",)
 
-    def __init__(self, provider: Any) -> None:
-        self.dependency_overrides = _OverridesView(provider.dependency_overrides)
+    def __init__(self, provider: Any, marked_only: bool) -> None:
+        self.dependency_overrides = _OverridesView(provider.dependency_overrides, marked_only)
 
 
 # --------------------------------------------------------------------------- per-request data
 
 
 class _Tracker:
-    """Per-request dependency bookkeeping, stored in ``RequestState.extra``."""
+    """Per-request dependency bookkeeping (only for requests whose span records)."""
 
-    __slots__ = ("epoch_offset", "max_spans", "pending", "server_ctx", "state", "tracer")
+    __slots__ = (
+        "current",
+        "epoch_offset",
+        "marked_only",
+        "max_spans",
+        "pending",
+        "server_ctx",
+        "state",
+        "token",
+        "tracer",
+    )
 
-    def __init__(self, tracer: trace.Tracer, max_spans: int, state: RequestState) -> None:
+    def __init__(
+        self, tracer: trace.Tracer, max_spans: int, state: RequestState, marked_only: bool
+    ) -> None:
         self.tracer = tracer
         self.max_spans = max_spans
         self.state = state
+        self.marked_only = marked_only
         self.pending: _Node | None = None
+        self.current: _Node | None = None  # the dependant being solved
         self.epoch_offset = time.time_ns() - time.perf_counter_ns()
         self.server_ctx: Context | None = None
+        self.token: Any = None
 
 
 class _Node:
@@ -343,7 +406,6 @@ class _Node:
     __slots__ = (
         "called_ns",
         "ctx",
-        "dropped",
         "info",
         "mirror",
         "parent",
@@ -359,28 +421,20 @@ class _Node:
         self, tracker: _Tracker, info: _CallInfo | None, parent: _Node | None, ctx: Context
     ) -> None:
         self.tracker = tracker
-        self.info = info  # None for the root (the endpoint's own dependant)
+        self.info = info  # None for the root, or a dependency fastprof does not time
         self.parent = parent
         self.ctx = ctx
         self.start_ns = time.perf_counter_ns()
         self.ready_ns = 0
         self.called_ns = 0
-        self.span: Span | None = None
-        self.dropped = False
+        self.span: Span | None | bool = None  # False: dropped by the cap
         self.mirror: Any = None
         self.token: Any = None
         self.prev_operation: str | None = None
 
 
-_current_node: ContextVar[_Node | None] = ContextVar("fastprof_dependency_node", default=None)
-
-
-def _tracker() -> _Tracker | None:
-    state = current_request.get()
-    if state is None or not state.extra:
-        return None
-    tracker = state.extra.get(_EXTRA_KEY)
-    return tracker if isinstance(tracker, _Tracker) else None
+#: The tracker of the current request, set only when its span is recording.
+_active: ContextVar[_Tracker | None] = ContextVar("fastprof_dependencies", default=None)
 
 
 def _new_span(
@@ -408,17 +462,17 @@ def _new_span(
 
 def _ensure_span(node: _Node) -> Span | None:
     """The node's span, created on first need (with its real start time)."""
-    if node.span is None and not node.dropped and node.info is not None:
+    span = node.span
+    if span is None:
         info = node.info
-        node.span = _new_span(
-            node.tracker,
-            info.span_name,
-            _parent_context(node),
-            node.start_ns,
-            {"code.function.name": info.code_name, "fastprof.dependency.kind": info.kind},
+        if info is None:
+            return None
+        span = _new_span(
+            node.tracker, info.span_name, _parent_context(node), node.start_ns, info.attributes
         )
-        node.dropped = node.span is None
-    return node.span
+        node.span = False if span is None else span
+        return span
+    return span or None
 
 
 def _parent_context(node: _Node) -> Context:
@@ -434,9 +488,23 @@ def _parent_context(node: _Node) -> Context:
 def _end_unconsumed(node: _Node, cached: bool) -> None:
     """Close a dependency FastAPI resolved but did not call (cache hit, invalid input)."""
     span = node.span
-    if span is not None:
-        span.set_attribute("fastprof.dependency.cached", cached)
+    info = node.info
+    if span:
+        if cached:
+            span.set_attribute("fastprof.dependency.cache_hit", True)
         span.end(end_time=(node.ready_ns or time.perf_counter_ns()) + node.tracker.epoch_offset)
+    elif cached and info is not None:
+        # Visible without a second duration: an event on the span of what needed it.
+        parent = node.parent
+        target = _ensure_span(parent) if parent is not None else None
+        if target is None:
+            target = trace.get_current_span(node.ctx)
+        if target.is_recording():
+            target.add_event(
+                "fastprof.dependency.cache_hit",
+                {"code.function.name": info.code_name},
+                timestamp=(node.ready_ns or time.perf_counter_ns()) + node.tracker.epoch_offset,
+            )
 
 
 def _settle_pending(tracker: _Tracker) -> None:
@@ -450,38 +518,43 @@ def _settle_pending(tracker: _Tracker) -> None:
 
 
 def _patch(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    async def solve_dependencies(*args: Any, **kwargs: Any) -> Any:
-        dependant = kwargs.get("dependant")
-        tracker = _tracker() if dependant is not None and not args else None
-        if tracker is None:
-            return await original(*args, **kwargs)
-        parent = _current_node.get()
+    async def traced(tracker: _Tracker, kwargs: dict[str, Any]) -> Any:
+        parent = tracker.current
+        dependant = kwargs["dependant"]
         if parent is not None and parent.mirror is dependant:
-            return await original(*args, **kwargs)  # another layer of wrapping
+            return await original(**kwargs)  # another layer of wrapping
         try:
             node = _enter_solve(tracker, parent, dependant, kwargs)
         except Exception as exc:
             _internal_errors.report("dependencies.solve_start", exc)
-            return await original(*args, **kwargs)
-        token = _current_node.set(node)
+            return await original(**kwargs)
+        tracker.current = node
         try:
-            result = await original(*args, **kwargs)
+            result = await original(**kwargs)
         except BaseException:
-            _current_node.reset(token)
+            tracker.current = parent
             try:
                 _settle_pending(tracker)
-                if node.span is not None:
+                if node.span:
                     node.span.end()
             except Exception as exc:
                 _internal_errors.report("dependencies.solve_end", exc)
             raise
-        _current_node.reset(token)
+        tracker.current = parent
         try:
             _leave_solve(tracker, node, result)
         except Exception as exc:
             _internal_errors.report("dependencies.solve_end", exc)
         return result
+
+    # A plain function returning the original coroutine: requests fastprof does
+    # not trace (or does not sample) pay one ContextVar read and nothing else.
+    @functools.wraps(original)
+    def solve_dependencies(*args: Any, **kwargs: Any) -> Any:
+        tracker = _active.get()
+        if tracker is None or args or "dependant" not in kwargs:
+            return original(*args, **kwargs)
+        return traced(tracker, kwargs)
 
     solve_dependencies.__fastprof__ = True  # type: ignore[attr-defined]
     return solve_dependencies
@@ -490,39 +563,46 @@ def _patch(original: Callable[..., Any]) -> Callable[..., Any]:
 def _enter_solve(
     tracker: _Tracker, parent: _Node | None, dependant: Any, kwargs: dict[str, Any]
 ) -> _Node:
-    _settle_pending(tracker)
+    if tracker.pending is not None:
+        _settle_pending(tracker)
     if parent is None:  # the root: the endpoint (or router) being solved
+        mirror = _mirror_of(dependant, tracker.marked_only, root=True)
         node = _Node(tracker, None, None, otel_context.get_current())
+        provider = kwargs.get("dependency_overrides_provider")
+        if (
+            provider is not None
+            and not isinstance(provider, _OverridesProvider)
+            and getattr(provider, "dependency_overrides", None)
+        ):
+            kwargs["dependency_overrides_provider"] = _OverridesProvider(
+                provider, tracker.marked_only
+            )
     else:
+        # Usually already a mirror (a fixed point); an override's fresh dependant is mirrored here.
+        mirror = _mirror_of(dependant, tracker.marked_only, root=False)
         # info is None when FastAPI will call something fastprof did not wrap:
         # the node then only groups its children.
-        node = _Node(tracker, _info_of(dependant.call), parent, parent.ctx)
-    node.mirror = _mirror(dependant)
-    kwargs["dependant"] = node.mirror
-    provider = kwargs.get("dependency_overrides_provider")
-    if (
-        provider is not None
-        and not isinstance(provider, _OverridesProvider)
-        and getattr(provider, "dependency_overrides", None)
-    ):
-        kwargs["dependency_overrides_provider"] = _OverridesProvider(provider)
+        node = _Node(tracker, _info_of(mirror.call), parent, parent.ctx)
+    node.mirror = mirror
+    kwargs["dependant"] = mirror
     return node
 
 
 def _info_of(call: Any) -> _CallInfo | None:
-    if isinstance(call, types.FunctionType):
+    if type(call) is types.FunctionType:
         info = call.__dict__.get("__fastprof_info__")
-        if isinstance(info, _CallInfo):
+        if type(info) is _CallInfo:
             return info
     return None
 
 
 def _leave_solve(tracker: _Tracker, node: _Node, result: Any) -> None:
-    _settle_pending(tracker)
+    if tracker.pending is not None:
+        _settle_pending(tracker)
     if node.info is None:
         return
     node.ready_ns = time.perf_counter_ns()
-    if getattr(result, "errors", None):
+    if result.errors:
         _end_unconsumed(node, cached=False)  # invalid input: FastAPI will not call it
     else:
         tracker.pending = node  # the wrapper called next picks it up
@@ -531,21 +611,17 @@ def _leave_solve(tracker: _Tracker, node: _Node, result: Any) -> None:
 # ------------------------------------------------------------------ running dependency code
 
 
-def _begin(info: _CallInfo) -> _Node | None:
+def _begin(tracker: _Tracker, info: _CallInfo) -> _Node | None:
     """Start timing one run of a dependency (called by its wrapper)."""
     try:
-        tracker = _tracker()
-        if tracker is None:
-            return None
         node = tracker.pending
         if node is not None and node.info is info:
             tracker.pending = None
         else:
-            _settle_pending(tracker)
-            parent = _current_node.get()
-            node = _Node(
-                tracker, info, parent, parent.ctx if parent else otel_context.get_current()
-            )
+            if node is not None:
+                _settle_pending(tracker)
+            parent = tracker.current
+            node = _Node(tracker, info, parent, parent.ctx if parent else otel_context.get_current())
         node.called_ns = time.perf_counter_ns()
         _ensure_span(node)
         return node
@@ -557,7 +633,7 @@ def _begin(info: _CallInfo) -> _Node | None:
 def _attach(node: _Node, on_loop: bool) -> None:
     try:
         span = node.span
-        if span is not None:
+        if span:
             node.token = otel_context.attach(trace.set_span_in_context(span, node.ctx))
         if on_loop and node.info is not None:
             state = node.tracker.state
@@ -590,7 +666,7 @@ def _finish(node: _Node, error: BaseException | None, kind: str = "dependency") 
             wait_s = max(0, node.called_ns - node.ready_ns) / 1e9
         node.tracker.state.add_timing(Timing(info.name, kind, duration_s, wait_s))
         span = node.span
-        if span is not None:
+        if span:
             if wait_s:
                 span.set_attribute("fastprof.threadpool.wait_s", wait_s)
             if error is not None:
@@ -615,7 +691,8 @@ def _record_error(span: Span, error: BaseException) -> None:
 
 
 async def _run_async(fn: Any, info: _CallInfo, args: Any, kwargs: Any) -> Any:
-    node = _begin(info)
+    tracker = _active.get()
+    node = _begin(tracker, info) if tracker is not None else None
     if node is None:
         return await fn(*args, **kwargs)
     _attach(node, True)
@@ -636,12 +713,14 @@ def _call_in_worker(node: _Node, step: Callable[[], Any]) -> Any:
 
 
 def _run_sync(fn: Any, info: _CallInfo, args: Any, kwargs: Any) -> Any:
-    node = _begin(info)
+    tracker = _active.get()
+    node = _begin(tracker, info) if tracker is not None else None
     if node is None:
         return fn(*args, **kwargs)
     _attach(node, False)
     try:
-        result = _call_in_worker(node, functools.partial(fn, *args, **kwargs))
+        hook = tracker.state.worker_hook  # type: ignore[union-attr]
+        result = hook(functools.partial(fn, *args, **kwargs)) if hook else fn(*args, **kwargs)
     except BaseException as exc:
         _detach(node, False)
         _finish(node, exc)
@@ -662,17 +741,13 @@ def _begin_teardown(setup: _Node | None) -> _Node | None:
         node.called_ns = node.start_ns
         if tracker.server_ctx is None:
             tracker.server_ctx = trace.set_span_in_context(tracker.state.span, setup.ctx)
-        links = [Link(setup.span.get_span_context())] if setup.span is not None else None
+        links = [Link(setup.span.get_span_context())] if setup.span else None
         node.span = _new_span(
             tracker,
             info.teardown_name,
             tracker.server_ctx,
             node.start_ns,
-            {
-                "code.function.name": info.code_name,
-                "fastprof.dependency.kind": info.kind,
-                "fastprof.dependency.phase": "teardown",
-            },
+            info.teardown_attributes,
             links,
         )
         return node
@@ -695,7 +770,8 @@ class _GenDriver:
         return _call_in_worker(node, step) if node is not None else step()
 
     def start(self) -> Any:
-        node = self.node = _begin(self.info)
+        tracker = _active.get()
+        node = self.node = _begin(tracker, self.info) if tracker is not None else None
         if node is not None:
             _attach(node, False)
         try:
@@ -751,7 +827,8 @@ class _AsyncGenDriver:
         self.node: _Node | None = None
 
     async def start(self) -> Any:
-        node = self.node = _begin(self.info)
+        tracker = _active.get()
+        node = self.node = _begin(tracker, self.info) if tracker is not None else None
         if node is not None:
             _attach(node, True)
         try:
@@ -822,6 +899,8 @@ class DependencySpans(RequestHooks):
         max_spans: Most dependency spans per request (setup and teardown count
             alike). Further ones are counted in the server span attribute
             ``fastprof.dependency_spans_dropped``; timings are still recorded.
+        mode: ``"all"`` times every dependency; ``"marked"`` only those declared
+            with :func:`fastprof.Depends` / :func:`fastprof.Security`.
     """
 
     def __init__(
@@ -829,6 +908,7 @@ class DependencySpans(RequestHooks):
         *,
         tracer_provider: TracerProvider | None = None,
         max_spans: int = DEFAULT_MAX_SPANS,
+        mode: str = "all",
     ) -> None:
         if tracer_provider is not None and not hasattr(tracer_provider, "get_tracer"):
             raise ValueError(
@@ -844,15 +924,20 @@ class DependencySpans(RequestHooks):
             if tracer_provider is not None
             else trace.get_tracer(_TRACER_NAME, __version__)
         )
+        if mode not in ("all", "marked"):
+            raise ValueError(f"mode: expected 'all' or 'marked', got {mode!r}")
         self._max_spans = max_spans
+        self._marked_only = mode == "marked"
         self.enabled = _install()
 
     def on_request_start(self, state: RequestState, scope: Scope) -> None:
-        if not self.enabled:
-            return
+        if not self.enabled or not state.span.is_recording():
+            return  # unsampled: FastAPI runs exactly as without fastprof
+        tracker = _Tracker(self._tracer, self._max_spans, state, self._marked_only)
         if state.extra is None:
             state.extra = {}
-        state.extra[_EXTRA_KEY] = _Tracker(self._tracer, self._max_spans, state)
+        state.extra[_EXTRA_KEY] = tracker
+        tracker.token = _active.set(tracker)
 
     def on_request_end(self, state: RequestState) -> None:
         tracker = state.extra.get(_EXTRA_KEY) if state.extra else None
@@ -863,3 +948,9 @@ class DependencySpans(RequestHooks):
             state.span.set_attribute(
                 "fastprof.dependency_spans_dropped", state.dependency_spans_dropped
             )
+
+    def on_app_exit(self, state: RequestState) -> None:
+        tracker = state.extra.get(_EXTRA_KEY) if state.extra else None
+        if isinstance(tracker, _Tracker) and tracker.token is not None:
+            token, tracker.token = tracker.token, None
+            _active.reset(token)

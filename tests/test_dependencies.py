@@ -145,7 +145,7 @@ async def test_each_dependency_gets_a_span_nested_like_the_tree(spans: Any) -> N
              for s in spans.all() if s.name.startswith("dependency")}
     assert kinds == {
         "get_user": "async", "get_db": "async_generator", "read_config": "sync",
-        "sync_resource": "generator", "dependency Settings": "sync",
+        "sync_resource": "generator", "dependency Settings": "class",
         "dependency Counter": "async", "scaled": "sync",
     }
     assert user.attributes["code.function.name"].endswith("get_user")
