@@ -9,13 +9,15 @@ three async, two levels deep; an async endpoint returning a small dict), driven
 by calling the ASGI application directly with a prebuilt scope (no HTTP client,
 no server) on one event loop. Variants run interleaved, in a shuffled order per
 round, in the same process; the table shows the median over rounds of the mean
-cost per request, and the ratio to ``bare``. Every sampled variant exports
+cost per request, wall-clock and CPU time of the whole process (all threads;
+less sensitive to other load on the machine), and the ratios to ``bare``. Every sampled variant exports
 through the same ``SimpleSpanProcessor`` into an exporter that discards spans.
 
 Variants:
 
 * ``bare``: plain ``FastAPI()`` (no tracer provider configured: native telemetry off).
 * ``fastprof_server``: ``fastprof.instrument(app)`` with dependency spans off, sampled.
+* ``fastprof_server_unsampled``: the same, ``ALWAYS_OFF`` sampler (the middleware's own floor).
 * ``fastprof_unsampled``: fastprof with dependency spans, ``ALWAYS_OFF`` sampler.
 * ``fastprof_sampled``: fastprof with dependency spans, everything sampled.
 * ``native_sampled``: ``FastAPI(telemetry={"tracer_provider": tp})``, everything sampled.
@@ -105,6 +107,7 @@ def variants(exporter: _Discard) -> dict[str, Any]:
     return {
         "bare": build_app(),
         "fastprof_server": _instrument(build_app(), sampled, deps=False),
+        "fastprof_server_unsampled": _instrument(build_app(), unsampled, deps=False),
         "fastprof_unsampled": _instrument(build_app(), unsampled, deps=True),
         "fastprof_sampled": _instrument(build_app(), sampled, deps=True),
         "native_sampled": build_app(telemetry={"tracer_provider": sampled}),
@@ -137,33 +140,45 @@ async def _send(message: dict[str, Any]) -> None:
         raise RuntimeError(f"unexpected status {message['status']}")
 
 
-async def _run(app: Any, n: int) -> float:
+async def _run(app: Any, n: int) -> tuple[float, float]:
+    """Mean wall-clock and CPU (all threads of this process) seconds per request."""
     scope = _SCOPE
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         await app(dict(scope), _receive, _send)
-    return (time.perf_counter() - start) / n
+    return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
 
 
-async def bench(requests: int, rounds: int) -> dict[str, float]:
+async def bench(requests: int, rounds: int) -> dict[str, tuple[float, float]]:
     exporter = _Discard()
     apps = variants(exporter)
     for app in apps.values():  # warm-up: build middleware stacks, fill caches
         await _run(app, 200)
-    samples: dict[str, list[float]] = {name: [] for name in apps}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in apps}
     names = list(apps)
     for _ in range(rounds):
         random.shuffle(names)
         for name in names:
             samples[name].append(await _run(apps[name], requests))
-    return {name: statistics.median(values) * 1e6 for name, values in samples.items()}
+    return {
+        name: (
+            statistics.median(v[0] for v in values) * 1e6,
+            statistics.median(v[1] for v in values) * 1e6,
+        )
+        for name, values in samples.items()
+    }
 
 
-def _report(results: dict[str, float]) -> str:
-    bare = results["bare"]
-    lines = [f"{'variant':<22}{'us/req':>10}{'x bare':>9}{'+us':>9}"]
-    for name, us in results.items():
-        lines.append(f"{name:<22}{us:>10.1f}{us / bare:>9.2f}{us - bare:>+9.1f}")
+def _report(results: dict[str, tuple[float, float]]) -> str:
+    wall0, cpu0 = results["bare"]
+    lines = [
+        f"{'variant':<22}{'wall us':>9}{'x bare':>8}{'cpu us':>9}{'x bare':>8}{'+cpu us':>9}"
+    ]
+    for name, (wall, cpu) in results.items():
+        lines.append(
+            f"{name:<22}{wall:>9.1f}{wall / wall0:>8.2f}{cpu:>9.1f}{cpu / cpu0:>8.2f}"
+            f"{cpu - cpu0:>+9.1f}"
+        )
     return "\n".join(lines)
 
 

@@ -412,6 +412,7 @@ class _Node:
         "prev_operation",
         "ready_ns",
         "span",
+        "span_ctx",
         "start_ns",
         "token",
         "tracker",
@@ -420,6 +421,7 @@ class _Node:
     def __init__(
         self, tracker: _Tracker, info: _CallInfo | None, parent: _Node | None, ctx: Context
     ) -> None:
+        self.span_ctx: Context | None = None  # ctx with this node's span current
         self.tracker = tracker
         self.info = info  # None for the root, or a dependency fastprof does not time
         self.parent = parent
@@ -475,12 +477,19 @@ def _ensure_span(node: _Node) -> Span | None:
     return span or None
 
 
+def _span_context(node: _Node, span: Span) -> Context:
+    ctx = node.span_ctx
+    if ctx is None:
+        ctx = node.span_ctx = trace.set_span_in_context(span, node.ctx)
+    return ctx
+
+
 def _parent_context(node: _Node) -> Context:
     parent = node.parent
     while parent is not None:
         span = _ensure_span(parent)
         if span is not None:
-            return trace.set_span_in_context(span, node.ctx)
+            return _span_context(parent, span)
         parent = parent.parent
     return node.ctx
 
@@ -634,7 +643,7 @@ def _attach(node: _Node, on_loop: bool) -> None:
     try:
         span = node.span
         if span:
-            node.token = otel_context.attach(trace.set_span_in_context(span, node.ctx))
+            node.token = otel_context.attach(_span_context(node, span))
         if on_loop and node.info is not None:
             state = node.tracker.state
             node.prev_operation = state.current_operation
