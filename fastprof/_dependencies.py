@@ -65,6 +65,8 @@ _MAX_UNWEAKABLE: Final = 4096
 _EXTRA_KEY: Final = "fastprof.dependencies"
 _TRACER_NAME: Final = "fastprof"
 _STOP: Final = object()
+_DEPENDENCIES_PHASE: Final = {"fastprof.phase": "dependencies"}
+_SERIALIZATION_PHASE: Final = {"fastprof.phase": "serialization"}
 
 
 # --------------------------------------------------------------------------- installation
@@ -118,9 +120,30 @@ def _install() -> bool:
     routing_solve = getattr(routing, "solve_dependencies", None)
     if routing_solve is not None and not getattr(routing_solve, "__fastprof__", False):
         setattr(routing, "solve_dependencies", _patch(routing_solve))  # noqa: B010
+    _install_phases(routing)
     _Support.installed = True
     _Support.supported = True
     return True
+
+
+def _install_phases(routing: Any) -> None:
+    """Hook ``run_endpoint_function`` and ``serialize_response`` (feature-detected)."""
+    run_endpoint = getattr(routing, "run_endpoint_function", None)
+    serialize = getattr(routing, "serialize_response", None)
+    try:
+        ok = (
+            inspect.iscoroutinefunction(run_endpoint)
+            and {"dependant", "values", "is_coroutine"}
+            <= set(inspect.signature(run_endpoint).parameters)
+            and inspect.iscoroutinefunction(serialize)
+        )
+    except Exception:  # pragma: no cover - defensive
+        ok = False
+    if not ok:  # pragma: no cover - depends on the FastAPI version
+        logger.info("fastprof: FastAPI endpoint phases not found; no phase spans")
+        return
+    setattr(routing, "run_endpoint_function", _patch_endpoint(run_endpoint))  # noqa: B010
+    setattr(routing, "serialize_response", _patch_serialize(serialize))  # noqa: B010
 
 
 # --------------------------------------------------------------------------- per-callable data
@@ -380,6 +403,7 @@ class _Tracker:
         "marked_only",
         "max_spans",
         "pending",
+        "phases",
         "server_ctx",
         "state",
         "token",
@@ -389,6 +413,8 @@ class _Tracker:
     def __init__(
         self, tracer: trace.Tracer, max_spans: int, state: RequestState, marked_only: bool
     ) -> None:
+        #: Emit fastprof phase spans (no native operation span around the solver).
+        self.phases = False
         self.tracer = tracer
         self.max_spans = max_spans
         self.state = state
@@ -576,7 +602,16 @@ def _enter_solve(
         _settle_pending(tracker)
     if parent is None:  # the root: the endpoint (or router) being solved
         mirror = _mirror_of(dependant, tracker.marked_only, root=True)
-        node = _Node(tracker, None, None, otel_context.get_current())
+        ctx = otel_context.get_current()
+        node = _Node(tracker, None, None, ctx)
+        # FastAPI's native telemetry makes its ``fastapi.dependencies`` span current
+        # here; without it the request span is current and fastprof adds phases.
+        if trace.get_current_span(ctx) is tracker.state.span:
+            tracker.phases = True
+            node.span = _phase_span(
+                tracker, "fastprof.dependencies", ctx, node.start_ns, _DEPENDENCIES_PHASE
+            )
+            node.ctx = trace.set_span_in_context(node.span, ctx)
         provider = kwargs.get("dependency_overrides_provider")
         if (
             provider is not None
@@ -597,6 +632,19 @@ def _enter_solve(
     return node
 
 
+def _phase_span(
+    tracker: _Tracker, name: str, ctx: Context, start_ns: int, attributes: dict[str, Any]
+) -> Span:
+    """A phase span (not counted against the dependency-span cap)."""
+    return tracker.tracer.start_span(
+        name,
+        context=ctx,
+        kind=SpanKind.INTERNAL,
+        attributes=attributes,
+        start_time=start_ns + tracker.epoch_offset,
+    )
+
+
 def _info_of(call: Any) -> _CallInfo | None:
     if type(call) is types.FunctionType:
         info = call.__dict__.get("__fastprof_info__")
@@ -609,12 +657,154 @@ def _leave_solve(tracker: _Tracker, node: _Node, result: Any) -> None:
     if tracker.pending is not None:
         _settle_pending(tracker)
     if node.info is None:
+        if node.parent is None and node.span:
+            node.span.end()  # the fastprof.dependencies phase
         return
     node.ready_ns = time.perf_counter_ns()
     if result.errors:
         _end_unconsumed(node, cached=False)  # invalid input: FastAPI will not call it
     else:
         tracker.pending = node  # the wrapper called next picks it up
+
+
+# ------------------------------------------------------------------ endpoint and serialization
+
+
+_endpoint_mirrors: dict[int, tuple[Any, Any]] = {}
+_started_ns: ContextVar[list[int] | None] = ContextVar("fastprof_endpoint_start", default=None)
+
+
+def _timed_endpoint(dependant: Any) -> Any:
+    entry = _endpoint_mirrors.get(id(dependant))
+    if entry is not None and entry[0] is dependant:
+        return entry[1]
+    call = dependant.call
+
+    @functools.wraps(call)
+    def endpoint(*args: Any, **kwargs: Any) -> Any:
+        box = _started_ns.get()
+        if box is not None:
+            box.append(time.perf_counter_ns())
+        return call(*args, **kwargs)
+
+    mirror = copy.copy(dependant)
+    mirror.call = endpoint
+    if len(_endpoint_mirrors) >= _MAX_MIRRORS:
+        _endpoint_mirrors.clear()
+    _endpoint_mirrors[id(dependant)] = (dependant, mirror)
+    return mirror
+
+
+_endpoint_attrs: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+
+def _endpoint_attributes(dependant: Any) -> dict[str, Any]:
+    entry = _endpoint_attrs.get(id(dependant))
+    if entry is not None and entry[0] is dependant:
+        return entry[1]
+    attrs = {
+        "fastprof.phase": "endpoint",
+        "code.function.name": _CallInfo(dependant.call, "endpoint").code_name,
+    }
+    if len(_endpoint_attrs) >= _MAX_MIRRORS:
+        _endpoint_attrs.clear()
+    _endpoint_attrs[id(dependant)] = (dependant, attrs)
+    return attrs
+
+
+def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def traced(tracker: _Tracker, dependant: Any, values: Any, is_coroutine: bool) -> Any:
+        span: Span | None = None
+        token = None
+        box: list[int] | None = None
+        submitted = time.perf_counter_ns()
+        try:
+            ctx = otel_context.get_current()
+            if tracker.phases:
+                span = _phase_span(
+                    tracker, "fastprof.endpoint", ctx, submitted, _endpoint_attributes(dependant)
+                )
+                if span is not None:
+                    token = otel_context.attach(trace.set_span_in_context(span, ctx))
+            if not is_coroutine:
+                dependant = _timed_endpoint(dependant)
+                box = []
+        except Exception as exc:
+            _internal_errors.report("dependencies.endpoint_start", exc)
+        error: BaseException | None = None
+        box_token = _started_ns.set(box)  # read by _timed_endpoint in the worker thread
+        try:
+            return await original(dependant=dependant, values=values, is_coroutine=is_coroutine)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _started_ns.reset(box_token)
+            try:
+                if token is not None:
+                    otel_context.detach(token)
+                end = time.perf_counter_ns()
+                wait_s = (box[0] - submitted) / 1e9 if box else 0.0
+                name = getattr(dependant.call, "__qualname__", "endpoint")
+                tracker.state.add_timing(
+                    Timing(name, "endpoint", (end - submitted) / 1e9 - wait_s, wait_s)
+                )
+                if span is not None:
+                    if box:
+                        span.set_attribute("fastprof.threadpool.wait_s", wait_s)
+                    if error is not None:
+                        _record_error(span, error)
+                    span.end(end_time=end + tracker.epoch_offset)
+                elif box and tracker.state.span.is_recording():
+                    tracker.state.span.set_attribute(
+                        "fastprof.endpoint.threadpool.wait_s", wait_s
+                    )
+            except Exception as exc:
+                _internal_errors.report("dependencies.endpoint_end", exc)
+
+    @functools.wraps(original)
+    def run_endpoint_function(*, dependant: Any, values: Any, is_coroutine: bool) -> Any:
+        tracker = _active.get()
+        if tracker is None:
+            return original(dependant=dependant, values=values, is_coroutine=is_coroutine)
+        return traced(tracker, dependant, values, is_coroutine)
+
+    run_endpoint_function.__fastprof__ = True  # type: ignore[attr-defined]
+    return run_endpoint_function
+
+
+def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def traced(tracker: _Tracker, args: Any, kwargs: Any) -> Any:
+        span = None
+        try:
+            span = _phase_span(
+                tracker,
+                "fastprof.serialization",
+                otel_context.get_current(),
+                time.perf_counter_ns(),
+                _SERIALIZATION_PHASE,
+            )
+        except Exception as exc:
+            _internal_errors.report("dependencies.serialization_start", exc)
+        try:
+            return await original(*args, **kwargs)
+        except BaseException as exc:
+            if span is not None:
+                _record_error(span, exc)
+            raise
+        finally:
+            if span is not None:
+                span.end()
+
+    @functools.wraps(original)
+    def serialize_response(*args: Any, **kwargs: Any) -> Any:
+        tracker = _active.get()
+        if tracker is None or not tracker.phases:
+            return original(*args, **kwargs)
+        return traced(tracker, args, kwargs)
+
+    serialize_response.__fastprof__ = True  # type: ignore[attr-defined]
+    return serialize_response
 
 
 # ------------------------------------------------------------------ running dependency code

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
@@ -18,6 +18,13 @@ AppT = TypeVar("AppT", bound=Starlette)
 _MARKER = "_fastprof_instrumented"
 
 
+def _is_fastapi(app: Starlette) -> bool:
+    return any(
+        cls.__module__ == "fastapi.applications" and cls.__name__ == "FastAPI"
+        for cls in type(app).__mro__
+    )
+
+
 def instrument(
     app: AppT,
     *,
@@ -28,13 +35,34 @@ def instrument(
     query: QueryPolicy = "redact_sensitive",
     max_attribute_length: int = 2048,
     hooks: Iterable[RequestHooks] = (),
+    dependencies: Literal["all", "marked", "off"] = "all",
+    max_dependency_spans: int = 256,
 ) -> AppT:
     """Instrument a Starlette or FastAPI application in place and return it.
 
     Adds :class:`~fastprof.middleware.FastprofMiddleware` as the outermost user
     middleware. Calling it twice on the same app is a no-op. Options are
     validated now: a bad value raises ``ValueError`` naming the option.
+
+    ``dependencies`` selects per-dependency spans on FastAPI apps (see
+    ``docs/dependencies.md``): ``"all"`` (every ``Depends``/``Security``),
+    ``"marked"`` (only those declared with :func:`fastprof.Depends` /
+    :func:`fastprof.Security`) or ``"off"``; ``max_dependency_spans`` caps them
+    per request (0-10000).
     """
+    if dependencies not in ("all", "marked", "off"):
+        raise ValueError(
+            f"dependencies: expected 'all', 'marked' or 'off', got {dependencies!r}"
+        )
+    if (
+        isinstance(max_dependency_spans, bool)
+        or not isinstance(max_dependency_spans, int)
+        or not 0 <= max_dependency_spans <= 10_000
+    ):
+        raise ValueError(
+            "max_dependency_spans: expected an int between 0 and 10000, "
+            f"got {max_dependency_spans!r}"
+        )
     if not isinstance(app, Starlette):
         raise ValueError(
             "instrument() takes a Starlette or FastAPI application; for any other ASGI app "
@@ -51,6 +79,21 @@ def instrument(
         "max_attribute_length": max_attribute_length,
         "hooks": tuple(hooks),
     }
+    from fastprof._dependencies import DependencySpans
+
+    if (
+        dependencies != "off"
+        and _is_fastapi(app)
+        and not any(isinstance(h, DependencySpans) for h in options["hooks"])  # type: ignore[attr-defined]
+    ):
+        options["hooks"] = (
+            *options["hooks"],  # type: ignore[misc]
+            DependencySpans(
+                tracer_provider=tracer_provider,
+                max_spans=max_dependency_spans,
+                mode=dependencies,
+            ),
+        )
     # Validate now, at start-up, rather than when Starlette builds the stack.
     FastprofMiddleware(app, **options)  # type: ignore[arg-type]
     app.add_middleware(FastprofMiddleware, **options)  # type: ignore[arg-type]

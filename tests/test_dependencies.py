@@ -28,8 +28,7 @@ pytestmark = pytest.mark.anyio
 
 
 def _instrument(app: FastAPI, spans: Any, **options: Any) -> FastAPI:
-    hooks = [fastprof.DependencySpans(tracer_provider=spans.provider, **options)]
-    return fastprof.instrument(app, tracer_provider=spans.provider, hooks=hooks)
+    return fastprof.instrument(app, tracer_provider=spans.provider, **options)
 
 
 async def _get(app: FastAPI, path: str, **kwargs: Any) -> httpx.Response:
@@ -134,13 +133,15 @@ async def test_each_dependency_gets_a_span_nested_like_the_tree(spans: Any) -> N
     user = _dep(spans, "_tree_app.<locals>.get_user")
     db = _dep(spans, "_tree_app.<locals>.get_db")
     config = _dep(spans, "_tree_app.<locals>.read_config")
-    assert _parent_id(user) == _id(server)
+    (phase,) = spans.named("fastprof.dependencies")  # no native telemetry: fastprof's phase
+    assert _parent_id(phase) == _id(server)
+    assert _parent_id(user) == _id(phase)
     assert _parent_id(db) == _id(user)  # first resolved under get_user; cached at top level
     assert _parent_id(config) == _id(user)
     for name in ("sync_resource", "Settings", "Counter", "scaled"):
         found = [s for s in spans.all() if s.name.startswith("dependency") and name in s.name]
         assert len(found) == 1, name
-        assert _parent_id(found[0]) == _id(server)
+        assert _parent_id(found[0]) == _id(phase)
     kinds = {s.name.rsplit(".", 1)[-1]: s.attributes["fastprof.dependency.kind"]
              for s in spans.all() if s.name.startswith("dependency")}
     assert kinds == {
@@ -197,7 +198,9 @@ async def test_timings_are_recorded_with_threadpool_wait(spans: Any) -> None:
     assert ("sync_resource", "dependency") in kinds
     config = next(t for t in state.timings if t.name.endswith("read_config"))
     assert config.threadpool_wait_s > 0
-    assert state.dependency_spans == len([s for s in spans.all() if s.kind.name == "INTERNAL"])
+    assert state.dependency_spans == len(
+        [s for s in spans.all() if s.name.startswith(("dependency ", "teardown "))]
+    )
     assert _dep(spans, "_tree_app.<locals>.read_config").attributes[
         "fastprof.threadpool.wait_s"
     ] == pytest.approx(config.threadpool_wait_s)
@@ -421,7 +424,7 @@ async def test_span_count_is_capped_and_drops_are_counted(spans: Any) -> None:
     def root() -> str:
         return "ok"
 
-    _instrument(app, spans, max_spans=2)
+    _instrument(app, spans, max_dependency_spans=2)
     assert (await _get(app, "/")).json() == "ok"
     (server,) = spans.server()
     assert len([s for s in spans.all() if s.name.startswith("dependency")]) == 2
@@ -544,7 +547,7 @@ async def test_internal_failures_are_contained(spans: Any, monkeypatch: pytest.M
 async def test_requests_without_the_hook_are_untouched(spans: Any) -> None:
     """The solver hook is process-wide, but only traced requests get dependency spans."""
     fastprof.DependencySpans(tracer_provider=spans.provider)  # installs the hook
-    app = fastprof.instrument(_tree_app([]), tracer_provider=spans.provider)
+    app = fastprof.instrument(_tree_app([]), tracer_provider=spans.provider, dependencies="off")
     assert (await _get(app, "/items/2")).status_code == 200
     assert (await _get(_tree_app([]), "/items/2")).status_code == 200
     assert [s.name for s in spans.all()] == ["GET /items/{item_id}"]
