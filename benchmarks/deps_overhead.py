@@ -10,7 +10,8 @@ by calling the ASGI application directly with a prebuilt scope (no HTTP client,
 no server) on one event loop. Variants run interleaved, in a shuffled order per
 round, in the same process; the table shows the median over rounds of the mean
 cost per request, wall-clock and CPU time of the whole process (all threads;
-less sensitive to other load on the machine), and the ratios to ``bare``. Every sampled variant exports
+less sensitive to other load on the machine), and the ratios to ``bare``.
+Every sampled variant exports
 through the same ``SimpleSpanProcessor`` into an exporter that discards spans.
 
 Variants:
@@ -69,7 +70,9 @@ def build_app(**fastapi_kwargs: Any) -> FastAPI:
     async def get_db() -> AsyncIterator[str]:
         yield "session"
 
-    async def get_user(db: str = Depends(get_db), settings: dict[str, int] = Depends(get_settings)) -> str:
+    async def get_user(
+        db: str = Depends(get_db), settings: dict[str, int] = Depends(get_settings)
+    ) -> str:
         return "alice"
 
     async def check_permissions(user: str = Depends(get_user)) -> bool:

@@ -51,7 +51,7 @@ from starlette.types import Scope
 
 from fastprof import _internal_errors
 from fastprof.__about__ import __version__
-from fastprof._context import RequestState, Timing, current_request
+from fastprof._context import RequestState, Timing
 from fastprof.middleware import RequestHooks
 
 __all__ = ["DEFAULT_MAX_SPANS", "DependencySpans"]
@@ -142,6 +142,7 @@ def _install_phases(routing: Any) -> None:
     if not ok:  # pragma: no cover - depends on the FastAPI version
         logger.info("fastprof: FastAPI endpoint phases not found; no phase spans")
         return
+    assert run_endpoint is not None and serialize is not None
     setattr(routing, "run_endpoint_function", _patch_endpoint(run_endpoint))  # noqa: B010
     setattr(routing, "serialize_response", _patch_serialize(serialize))  # noqa: B010
 
@@ -432,6 +433,7 @@ class _Node:
     __slots__ = (
         "called_ns",
         "ctx",
+        "dropped",
         "info",
         "mirror",
         "parent",
@@ -455,7 +457,8 @@ class _Node:
         self.start_ns = time.perf_counter_ns()
         self.ready_ns = 0
         self.called_ns = 0
-        self.span: Span | None | bool = None  # False: dropped by the cap
+        self.span: Span | None = None
+        self.dropped = False  # the cap refused its span
         self.mirror: Any = None
         self.token: Any = None
         self.prev_operation: str | None = None
@@ -491,16 +494,15 @@ def _new_span(
 def _ensure_span(node: _Node) -> Span | None:
     """The node's span, created on first need (with its real start time)."""
     span = node.span
-    if span is None:
+    if span is None and not node.dropped:
         info = node.info
         if info is None:
             return None
-        span = _new_span(
+        span = node.span = _new_span(
             node.tracker, info.span_name, _parent_context(node), node.start_ns, info.attributes
         )
-        node.span = False if span is None else span
-        return span
-    return span or None
+        node.dropped = span is None
+    return span
 
 
 def _span_context(node: _Node, span: Span) -> Context:
@@ -524,7 +526,7 @@ def _end_unconsumed(node: _Node, cached: bool) -> None:
     """Close a dependency FastAPI resolved but did not call (cache hit, invalid input)."""
     span = node.span
     info = node.info
-    if span:
+    if span is not None:
         if cached:
             span.set_attribute("fastprof.dependency.cache_hit", True)
         span.end(end_time=(node.ready_ns or time.perf_counter_ns()) + node.tracker.epoch_offset)
@@ -570,7 +572,7 @@ def _patch(original: Callable[..., Any]) -> Callable[..., Any]:
             tracker.current = parent
             try:
                 _settle_pending(tracker)
-                if node.span:
+                if node.span is not None:
                     node.span.end()
             except Exception as exc:
                 _internal_errors.report("dependencies.solve_end", exc)
@@ -820,7 +822,8 @@ def _begin(tracker: _Tracker, info: _CallInfo) -> _Node | None:
             if node is not None:
                 _settle_pending(tracker)
             parent = tracker.current
-            node = _Node(tracker, info, parent, parent.ctx if parent else otel_context.get_current())
+            ctx = parent.ctx if parent is not None else otel_context.get_current()
+            node = _Node(tracker, info, parent, ctx)
         node.called_ns = time.perf_counter_ns()
         _ensure_span(node)
         return node
@@ -832,7 +835,7 @@ def _begin(tracker: _Tracker, info: _CallInfo) -> _Node | None:
 def _attach(node: _Node, on_loop: bool) -> None:
     try:
         span = node.span
-        if span:
+        if span is not None:
             node.token = otel_context.attach(_span_context(node, span))
         if on_loop and node.info is not None:
             state = node.tracker.state
@@ -865,7 +868,7 @@ def _finish(node: _Node, error: BaseException | None, kind: str = "dependency") 
             wait_s = max(0, node.called_ns - node.ready_ns) / 1e9
         node.tracker.state.add_timing(Timing(info.name, kind, duration_s, wait_s))
         span = node.span
-        if span:
+        if span is not None:
             if wait_s:
                 span.set_attribute("fastprof.threadpool.wait_s", wait_s)
             if error is not None:
@@ -940,7 +943,7 @@ def _begin_teardown(setup: _Node | None) -> _Node | None:
         node.called_ns = node.start_ns
         if tracker.server_ctx is None:
             tracker.server_ctx = trace.set_span_in_context(tracker.state.span, setup.ctx)
-        links = [Link(setup.span.get_span_context())] if setup.span else None
+        links = [Link(setup.span.get_span_context())] if setup.span is not None else None
         node.span = _new_span(
             tracker,
             info.teardown_name,

@@ -81,13 +81,14 @@ def instrument(
     }
     from fastprof._dependencies import DependencySpans
 
+    all_hooks: tuple[RequestHooks, ...] = options["hooks"]  # type: ignore[assignment]
     if (
         dependencies != "off"
         and _is_fastapi(app)
-        and not any(isinstance(h, DependencySpans) for h in options["hooks"])  # type: ignore[attr-defined]
+        and not any(isinstance(h, DependencySpans) for h in all_hooks)
     ):
         options["hooks"] = (
-            *options["hooks"],  # type: ignore[misc]
+            *all_hooks,
             DependencySpans(
                 tracer_provider=tracer_provider,
                 max_spans=max_dependency_spans,
