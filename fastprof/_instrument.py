@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
@@ -21,6 +21,13 @@ AppT = TypeVar("AppT", bound=Starlette)
 _MARKER = "_fastprof_instrumented"
 
 
+def _is_fastapi(app: Starlette) -> bool:
+    return any(
+        cls.__module__ == "fastapi.applications" and cls.__name__ == "FastAPI"
+        for cls in type(app).__mro__
+    )
+
+
 def instrument(
     app: AppT,
     *,
@@ -31,6 +38,8 @@ def instrument(
     query: QueryPolicy = "redact_sensitive",
     max_attribute_length: int = 2048,
     hooks: Iterable[RequestHooks] = (),
+    dependencies: Literal["all", "marked", "off"] = "all",
+    max_dependency_spans: int = 256,
     profiling: Profiling | None = None,
     loop_monitor: LoopMonitor | None = None,
     slow_requests: SlowRequestLog | None = None,
@@ -40,7 +49,24 @@ def instrument(
     Adds :class:`~fastprof.middleware.FastprofMiddleware` as the outermost user
     middleware. Calling it twice on the same app is a no-op. Options are
     validated now: a bad value raises ``ValueError`` naming the option.
+
+    ``dependencies`` selects per-dependency spans on FastAPI apps (see
+    ``docs/dependencies.md``): ``"all"`` (every ``Depends``/``Security``),
+    ``"marked"`` (only those declared with :func:`fastprof.Depends` /
+    :func:`fastprof.Security`) or ``"off"``; ``max_dependency_spans`` caps them
+    per request (0-10000).
     """
+    if dependencies not in ("all", "marked", "off"):
+        raise ValueError(f"dependencies: expected 'all', 'marked' or 'off', got {dependencies!r}")
+    if (
+        isinstance(max_dependency_spans, bool)
+        or not isinstance(max_dependency_spans, int)
+        or not 0 <= max_dependency_spans <= 10_000
+    ):
+        raise ValueError(
+            "max_dependency_spans: expected an int between 0 and 10000, "
+            f"got {max_dependency_spans!r}"
+        )
     if not isinstance(app, Starlette):
         raise ValueError(
             "instrument() takes a Starlette or FastAPI application; for any other ASGI app "
@@ -56,9 +82,23 @@ def instrument(
         raise ValueError(
             f"slow_requests: expected a fastprof.SlowRequestLog, got {slow_requests!r}"
         )
-    # Order matters at request end: the profiler sets the profile id and the loop
-    # monitor the blocked time before the slow-request log reads them.
-    extra_hooks = tuple(h for h in (profiling, loop_monitor, slow_requests) if h is not None)
+    from fastprof._dependencies import DependencySpans
+
+    user_hooks = tuple(hooks)
+    dependency_spans: DependencySpans | None = None
+    if (
+        dependencies != "off"
+        and _is_fastapi(app)
+        and not any(isinstance(h, DependencySpans) for h in user_hooks)
+    ):
+        dependency_spans = DependencySpans(
+            tracer_provider=tracer_provider, max_spans=max_dependency_spans, mode=dependencies
+        )
+    # Order matters at request end: dependency timings, the profile id and the
+    # loop-blocked time are all set before the slow-request log reads them.
+    extra_hooks = tuple(
+        h for h in (dependency_spans, profiling, loop_monitor, slow_requests) if h is not None
+    )
     options = {
         "tracer_provider": tracer_provider,
         "exclude": exclude,
@@ -66,7 +106,7 @@ def instrument(
         "response_request_id_header": response_request_id_header,
         "query": query,
         "max_attribute_length": max_attribute_length,
-        "hooks": tuple(hooks) + extra_hooks,
+        "hooks": user_hooks + extra_hooks,
     }
     # Validate now, at start-up, rather than when Starlette builds the stack.
     FastprofMiddleware(app, **options)  # type: ignore[arg-type]

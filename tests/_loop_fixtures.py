@@ -33,5 +33,3 @@ def make_monitor(metrics: Metrics) -> Iterator[Any]:
     for monitor in made:
         monitor.stop()
         assert not monitor.running
-
-

@@ -41,10 +41,8 @@ async def async_hot_alpha(seconds: float = 0.15) -> None:
 
 
 def gamma_dependency() -> int:
-    """A sync dependency (FastAPI runs it in the thread pool) that uses the worker hook."""
-    state = fastprof.current_request.get()
-    if state is not None and state.worker_hook is not None:
-        return int(state.worker_hook(sync_hot_gamma))
+    """A sync dependency: FastAPI runs it in the thread pool, and fastprof's dependency
+    instrumentation runs it through the profile's worker hook."""
     return sync_hot_gamma()
 
 

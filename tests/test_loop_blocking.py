@@ -293,4 +293,3 @@ async def test_stop_is_idempotent_and_first_request_restarts(spans: Any, make_mo
     async with client(app) as c:
         await c.get("/")
     assert monitor.running
-

@@ -76,7 +76,11 @@ async def test_exhausted_limiter_reads_full_and_warns(
     }
     assert set(points) == {"sync", "endpoint"}  # async calls never wait for a thread
     assert points["sync"].count == 4 and points["sync"].sum == pytest.approx(0.8)
-    assert points["endpoint"].count == 4 and points["endpoint"].sum == pytest.approx(1.2)
+    # 4 stand-in entries (0.3 s each) plus the real waits measured by the dependency
+    # instrumentation: two of the four sync endpoints queued ~0.5 s for a token.
+    real = points["endpoint"]
+    assert real.count == 8
+    assert 1.2 + 0.8 <= real.sum <= 1.2 + 1.6
 
 
 @pytest.mark.anyio

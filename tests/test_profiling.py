@@ -250,7 +250,7 @@ async def test_sync_dependency_frames_appear_via_worker_hook(spans) -> None:
     assert response.json() == {"value": 2}
     frames = frames_of(profiling, response.headers["x-fastprof-profile-id"])
     assert "sync_hot_gamma" in frames
-    assert "sync_hot_gamma [worker thread]" in frames
+    assert "gamma_dependency [worker thread]" in frames
 
 
 @pytest.mark.anyio

@@ -34,9 +34,7 @@ def _slow_logs(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.anyio
-async def test_slow_request_logs_one_line_with_the_breakdown(
-    spans: Any, make_monitor: Any
-) -> None:
+async def test_slow_request_logs_one_line_with_the_breakdown(spans: Any, make_monitor: Any) -> None:
     app = FastAPI()
 
     @app.get("/orders/{order_id}")
@@ -53,6 +51,7 @@ async def test_slow_request_logs_one_line_with_the_breakdown(
         app,
         tracer_provider=spans.provider,
         hooks=[FakeDependencyTimings()],
+        dependencies="off",  # the stand-in provides every timing
         loop_monitor=make_monitor(threshold_s=0.1),
         slow_requests=fastprof.SlowRequestLog(threshold_s=0.15),
     )
@@ -102,6 +101,7 @@ async def test_fast_requests_and_missing_timings(spans: Any) -> None:
     fastprof.instrument(
         app,
         tracer_provider=spans.provider,
+        dependencies="off",
         slow_requests=fastprof.SlowRequestLog(threshold_s=0.1, level="info", top=2),
     )
     with capture_logs() as logs:
@@ -124,3 +124,40 @@ def test_slow_request_options_are_validated() -> None:
     ]:
         with pytest.raises(ValueError, match=name):
             fastprof.SlowRequestLog(**kwargs)
+
+
+@pytest.mark.anyio
+async def test_breakdown_from_real_dependency_instrumentation(spans: Any) -> None:
+    """With dependency spans on (the default), the log lists the real dependencies."""
+    from collections.abc import AsyncIterator
+
+    from fastapi import Depends
+
+    async def get_db() -> AsyncIterator[str]:
+        await asyncio.sleep(0.08)
+        yield "db"
+
+    def get_settings() -> str:
+        time.sleep(0.03)
+        return "settings"
+
+    app = FastAPI()
+
+    @app.get("/report")
+    def report(db: str = Depends(get_db), settings: str = Depends(get_settings)) -> dict[str, str]:
+        time.sleep(0.05)
+        return {"db": db, "settings": settings}
+
+    fastprof.instrument(
+        app,
+        tracer_provider=spans.provider,
+        slow_requests=fastprof.SlowRequestLog(threshold_s=0.1),
+    )
+    with capture_logs() as logs:
+        async with client(app) as c:
+            assert (await c.get("/report")).status_code == 200
+    [line] = _slow_logs(logs)
+    names = [d["name"] for d in line["dependencies"]]
+    assert names[0].endswith("get_db") and names[1].endswith("get_settings")
+    assert line["dependencies"][0]["duration_s"] >= 0.07
+    assert line["endpoint_s"] is not None and line["endpoint_s"] >= 0.04
