@@ -12,6 +12,7 @@ Everything stored here is bounded: timings are kept up to
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -53,7 +54,7 @@ class RequestState:
         "method",
         "path",
         "profile_id",
-        "request_id",
+        "_request_id",
         "route",
         "span",
         "start_ns",
@@ -67,8 +68,8 @@ class RequestState:
         "worker_hook",
     )
 
-    def __init__(self, *, request_id: str, span: Span, method: str, path: str) -> None:
-        self.request_id = request_id
+    def __init__(self, *, request_id: str | None, span: Span, method: str, path: str) -> None:
+        self._request_id = request_id
         self.span = span
         self.method = method
         self.path = path
@@ -92,6 +93,15 @@ class RequestState:
         #: worker thread for this request is called as ``worker_hook(fn)``
         #: instead of ``fn()``, so the profile can cover the worker thread.
         self.worker_hook: Callable[[Callable[[], Any]], Any] | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The request id: a validated incoming one, else 16 random hex characters
+        (generated on first use, so requests nobody asks about don't pay for it)."""
+        request_id = self._request_id
+        if request_id is None:
+            request_id = self._request_id = os.urandom(8).hex()
+        return request_id
 
     def add_timing(self, timing: Timing) -> None:
         """Record a timing, bounded by :data:`MAX_TIMINGS`."""

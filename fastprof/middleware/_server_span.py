@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
@@ -172,6 +171,11 @@ class FastprofMiddleware:
         self._query: QueryPolicy = query
         self._limit = max_attribute_length
         self._hooks = hooks
+        # Per-method tuples of the hooks that implement it: nothing to call is free.
+        self._start_hooks = _implementing(hooks, "on_request_start")
+        self._response_hooks = _implementing(hooks, "on_response_start")
+        self._end_hooks = _implementing(hooks, "on_request_end")
+        self._exit_hooks = _implementing(hooks, "on_app_exit")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or SCOPE_KEY in scope:
@@ -246,13 +250,11 @@ class _Request:
         request_id = None
         if mw._request_id_header is not None:
             request_id = valid_request_id(find_header(headers, mw._request_id_header))
-        if request_id is None:
-            request_id = os.urandom(8).hex()
-        if span.is_recording():
-            span.set_attribute("fastprof.request_id", request_id)
         self.state = RequestState(
             request_id=request_id, span=span, method=method, path=self.entry_path
         )
+        if span.is_recording():
+            span.set_attribute("fastprof.request_id", self.state.request_id)
         scope[SCOPE_KEY] = self.state
         self._state_token = current_request.set(self.state)
         self._context_token = otel_context.attach(ctx) if ctx is not None else None
@@ -286,14 +288,16 @@ class _Request:
         return attrs
 
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-        hooks = self._mw._hooks
-        for hook in hooks:
+        for hook in self._mw._start_hooks:
             try:
                 hook.on_request_start(self.state, scope)
             except Exception as exc:
                 _internal_errors.report("hook.on_request_start", exc)
+        if self.state.span.is_recording():
+            # Disconnects are only recorded on a recording span.
+            receive = self._receive_wrapper(receive)
         try:
-            await app(scope, self._receive_wrapper(receive), self._send_wrapper(scope, send))
+            await app(scope, receive, self._send_wrapper(scope, send))
         except BaseException as exc:
             self._complete(scope, exc)
             self._end_span()
@@ -302,7 +306,7 @@ class _Request:
             self._complete(scope, None)
             self._end_span()
         finally:
-            for hook in hooks:
+            for hook in self._mw._exit_hooks:
                 try:
                     hook.on_app_exit(self.state)
                 except Exception as exc:
@@ -324,7 +328,7 @@ class _Request:
         return wrapped_receive
 
     def _send_wrapper(self, scope: Scope, send: Send) -> Callable[[Message], Awaitable[None]]:
-        hooks = self._mw._hooks
+        hooks = self._mw._response_hooks
         response_header = self._mw._response_request_id_header
 
         async def wrapped_send(message: Message) -> None:
@@ -393,7 +397,7 @@ class _Request:
                 self._annotate(span, error)
         except Exception as exc:
             _internal_errors.report("request_end", exc)
-        for hook in self._mw._hooks:
+        for hook in self._mw._end_hooks:
             try:
                 hook.on_request_end(state)
             except Exception as exc:
@@ -441,6 +445,11 @@ class _Request:
             attrs["error.type"] = error_type
             span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attrs)
+
+
+def _implementing(hooks: tuple[RequestHooks, ...], method: str) -> tuple[RequestHooks, ...]:
+    base = getattr(RequestHooks, method)
+    return tuple(h for h in hooks if getattr(type(h), method, base) is not base)
 
 
 def _qualname(exc: BaseException) -> str:
