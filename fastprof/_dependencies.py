@@ -1099,6 +1099,9 @@ class DependencySpans(RequestHooks):
             ``fastprof.dependency_spans_dropped``; timings are still recorded.
         mode: ``"all"`` times every dependency; ``"marked"`` only those declared
             with :func:`fastprof.Depends` / :func:`fastprof.Security`.
+        timings_when_unsampled: Also record ``RequestState.timings`` (no spans) for
+            requests whose span is not sampled, so a slow-request log can explain
+            them. Off by default: unsampled requests then cost nothing here.
     """
 
     def __init__(
@@ -1107,6 +1110,7 @@ class DependencySpans(RequestHooks):
         tracer_provider: TracerProvider | None = None,
         max_spans: int = DEFAULT_MAX_SPANS,
         mode: str = "all",
+        timings_when_unsampled: bool = False,
     ) -> None:
         if tracer_provider is not None and not hasattr(tracer_provider, "get_tracer"):
             raise ValueError(
@@ -1128,12 +1132,19 @@ class DependencySpans(RequestHooks):
             raise ValueError(f"mode: expected 'all' or 'marked', got {mode!r}")
         self._max_spans = max_spans
         self._marked_only = mode == "marked"
+        self._timings_when_unsampled = bool(timings_when_unsampled)
         self.enabled = _install()
 
     def on_request_start(self, state: RequestState, scope: Scope) -> None:
-        if not self.enabled or not state.span.is_recording():
+        if not self.enabled:
+            return
+        if state.span.is_recording():
+            max_spans = self._max_spans
+        elif self._timings_when_unsampled:
+            max_spans = 0  # timings only: no span for an unsampled request
+        else:
             return  # unsampled: FastAPI runs exactly as without fastprof
-        tracker = _Tracker(self._tracer, self._max_spans, state, self._marked_only)
+        tracker = _Tracker(self._tracer, max_spans, state, self._marked_only)
         if state.extra is None:
             state.extra = {}
         state.extra[_EXTRA_KEY] = tracker

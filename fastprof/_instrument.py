@@ -92,7 +92,11 @@ def instrument(
         and not any(isinstance(h, DependencySpans) for h in user_hooks)
     ):
         dependency_spans = DependencySpans(
-            tracer_provider=tracer_provider, max_spans=max_dependency_spans, mode=dependencies
+            tracer_provider=tracer_provider,
+            max_spans=max_dependency_spans,
+            mode=dependencies,
+            # The slow-request log explains unsampled requests too.
+            timings_when_unsampled=slow_requests is not None,
         )
     # Order matters at request end: dependency timings, the profile id and the
     # loop-blocked time are all set before the slow-request log reads them.

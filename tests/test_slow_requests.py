@@ -127,8 +127,10 @@ def test_slow_request_options_are_validated() -> None:
 
 
 @pytest.mark.anyio
-async def test_breakdown_from_real_dependency_instrumentation(spans: Any) -> None:
-    """With dependency spans on (the default), the log lists the real dependencies."""
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "unsampled"])
+async def test_breakdown_from_real_dependency_instrumentation(spans: Any, sampled: bool) -> None:
+    """With dependency spans on (the default), the log lists the real dependencies,
+    also for requests whose trace is not sampled."""
     from collections.abc import AsyncIterator
 
     from fastapi import Depends
@@ -148,14 +150,19 @@ async def test_breakdown_from_real_dependency_instrumentation(spans: Any) -> Non
         time.sleep(0.05)
         return {"db": db, "settings": settings}
 
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    provider = spans.provider if sampled else TracerProvider(sampler=ALWAYS_OFF)
     fastprof.instrument(
         app,
-        tracer_provider=spans.provider,
+        tracer_provider=provider,
         slow_requests=fastprof.SlowRequestLog(threshold_s=0.1),
     )
     with capture_logs() as logs:
         async with client(app) as c:
             assert (await c.get("/report")).status_code == 200
+    assert bool(spans.all()) is sampled  # no spans at all when unsampled
     [line] = _slow_logs(logs)
     names = [d["name"] for d in line["dependencies"]]
     assert names[0].endswith("get_db") and names[1].endswith("get_settings")
