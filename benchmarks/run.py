@@ -1,0 +1,357 @@
+"""Run the benchmark: ``python -m benchmarks [--quick] [--variants ...] [--endpoints ...]``.
+
+Every variant run is a fresh worker process (``benchmarks._worker``). Runs are interleaved:
+each round runs every variant once (the starting variant rotates between rounds), so slow
+drifts of the machine hit all variants alike. Ratios compare each variant with ``bare`` from
+the same invocation; ``bare-AA`` is a second bare app whose ratio shows the noise floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # ``python benchmarks/run.py``
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.app import ENDPOINTS
+from benchmarks.variants import VARIANTS
+
+__all__ = ["main", "summarise"]
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE = "bare"
+
+# Requests per endpoint per variant run, sized so each endpoint takes ~0.5-2 s per run.
+FULL = {
+    "rounds": 5,
+    "requests": {"/plain": 4000, "/deps": 2000, "/items": 800},
+    "warmup": {"/plain": 400, "/deps": 200, "/items": 80},
+    "batches": 10,
+    "memory_requests": 300,
+}
+QUICK = {
+    "rounds": 2,
+    "requests": {"/plain": 500, "/deps": 300, "/items": 100},
+    "warmup": {"/plain": 100, "/deps": 50, "/items": 20},
+    "batches": 5,
+    "memory_requests": 100,
+}
+PACKAGES = (
+    "fastprof-asgi",
+    "fastapi",
+    "starlette",
+    "pydantic",
+    "opentelemetry-api",
+    "opentelemetry-sdk",
+    "opentelemetry-instrumentation-fastapi",
+    "opentelemetry-instrumentation-asgi",
+    "pyinstrument",
+    "uvloop",
+)
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Per-request overhead of fastprof and alternatives against a bare FastAPI app.",
+    )
+    p.add_argument("--quick", action="store_true", help="short run (2 rounds, few requests)")
+    p.add_argument(
+        "--variants",
+        type=_csv,
+        help=f"comma-separated variants (default: all default ones); '{BASELINE}' is always added",
+    )
+    p.add_argument(
+        "--endpoints", type=_csv, help=f"comma-separated endpoints (default: {','.join(ENDPOINTS)})"
+    )
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 2)")
+    p.add_argument(
+        "--requests", type=int, help="timed requests per endpoint per run (overrides the defaults)"
+    )
+    p.add_argument("--warmup", type=int, help="warm-up requests per endpoint per run")
+    p.add_argument("--batches", type=int, help="timed batches per run (median taken)")
+    p.add_argument(
+        "--memory-requests",
+        type=int,
+        help="requests traced by tracemalloc per endpoint, first round only (0 disables)",
+    )
+    p.add_argument(
+        "--processor",
+        choices=("simple", "batch"),
+        default="simple",
+        help="span processor for sampled variants, exporting to a discarding exporter",
+    )
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    p.add_argument("--json", type=Path, help="write raw results here (default: no file)")
+    p.add_argument("--list", action="store_true", help="list variants and exit")
+    return p
+
+
+def _environment() -> dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "packages": versions,
+    }
+
+
+def _worker_env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OTEL_", "FASTAPI_OTEL_")) and k != "PYTHONPATH"
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONHASHSEED"] = "0"
+    return env
+
+
+def _run_worker(plan: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks._worker", json.dumps(plan)],
+        cwd=ROOT,
+        env=_worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        return {"variant": plan["variant"], "error": f"exit {proc.returncode}: {tail}"}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def _plan_settings(args: argparse.Namespace) -> dict[str, Any]:
+    base = QUICK if args.quick else FULL
+    endpoints = args.endpoints or list(ENDPOINTS)
+    for path in endpoints:
+        if path not in ENDPOINTS:
+            raise SystemExit(
+                f"--endpoints: unknown endpoint {path!r}; known: {', '.join(ENDPOINTS)}"
+            )
+    requests = {p: args.requests or base["requests"][p] for p in endpoints}
+    warmup = {p: args.warmup if args.warmup is not None else base["warmup"][p] for p in endpoints}
+    return {
+        "rounds": args.rounds or base["rounds"],
+        "endpoints": endpoints,
+        "requests": requests,
+        "warmup": warmup,
+        "batches": args.batches or base["batches"],
+        "memory_requests": (
+            args.memory_requests if args.memory_requests is not None else base["memory_requests"]
+        ),
+        "processor": args.processor,
+        "loop": args.loop,
+    }
+
+
+def _choose_variants(names: list[str] | None) -> list[str]:
+    if names is None:
+        chosen = [name for name, v in VARIANTS.items() if v.default]
+    else:
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise SystemExit(
+                f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}"
+            )
+        chosen = list(dict.fromkeys(names))
+    if BASELINE not in chosen:
+        chosen.insert(0, BASELINE)
+    return chosen
+
+
+def summarise(raw: dict[str, Any]) -> dict[str, Any]:
+    """Per endpoint and variant: median over rounds, spread, ratio and delta to bare."""
+    summary: dict[str, Any] = {}
+    for path in raw["settings"]["endpoints"]:
+        rows: dict[str, Any] = {}
+        for name, runs in raw["runs"].items():
+            per_round = [r["endpoints"][path]["median_us"] for r in runs if "endpoints" in r]
+            if not per_round:
+                continue
+            memory = next(
+                (r["endpoints"][path]["memory"] for r in runs if "memory" in r["endpoints"][path]),
+                None,
+            )
+            q = statistics.quantiles(per_round, n=4) if len(per_round) >= 2 else per_round * 3
+            rows[name] = {
+                "median_us": statistics.median(per_round),
+                "min_us": min(per_round),
+                "max_us": max(per_round),
+                "iqr_us": [q[0], q[2]],
+                "per_round_us": per_round,
+                "response_bytes": runs[0]["endpoints"][path]["response_bytes"],
+                "memory": memory,
+            }
+        base = rows.get(BASELINE)
+        for name, row in rows.items():
+            if base is None:
+                row["ratio"] = row["delta_us"] = None
+                continue
+            row["ratio"] = row["median_us"] / base["median_us"]
+            row["delta_us"] = row["median_us"] - base["median_us"]
+            # Round-by-round ratio (this variant vs bare in the same round): drift-robust.
+            paired = [
+                v / b for v, b in zip(row["per_round_us"], base["per_round_us"], strict=False)
+            ]
+            row["paired_ratio_median"] = statistics.median(paired)
+            if row["response_bytes"] != base["response_bytes"]:
+                row["warning"] = (
+                    f"response size {row['response_bytes']} differs from bare's "
+                    f"{base['response_bytes']}"
+                )
+        summary[path] = rows
+    return summary
+
+
+def _format_tables(raw: dict[str, Any]) -> str:
+    settings = raw["settings"]
+    out: list[str] = []
+    for path, rows in raw["summary"].items():
+        out.append(
+            f"\n### `{path}` ({settings['requests'][path]} requests x {settings['rounds']} rounds"
+            " per variant)\n"
+        )
+        memory = any(row.get("memory") for row in rows.values())
+        header = "| variant | µs/request | x bare | +µs | spread (min-max) |"
+        rule = "|---|---:|---:|---:|---:|"
+        if memory:
+            header += " mem growth KiB | mem peak KiB |"
+            rule += "---:|---:|"
+        out += [header, rule]
+        for name in raw["variants"]:
+            row = rows.get(name)
+            if row is None:
+                continue
+            ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
+            delta = "" if row["delta_us"] is None else f"{row['delta_us']:+.1f}"
+            line = (
+                f"| {name} | {row['median_us']:.1f} | {ratio} | {delta} "
+                f"| {row['min_us']:.1f}-{row['max_us']:.1f} |"
+            )
+            if memory:
+                mem = row.get("memory")
+                if mem:
+                    line += f" {mem['growth_bytes'] / 1024:.1f} | {mem['peak_bytes'] / 1024:.1f} |"
+                else:
+                    line += " | |"
+            out.append(line)
+    notes = [f"- {name}: skipped ({reason})" for name, reason in raw["skipped"].items()]
+    notes += [f"- {name}: FAILED ({err.splitlines()[-1]})" for name, err in raw["errors"].items()]
+    for path, rows in raw["summary"].items():
+        notes += [
+            f"- {path} {name}: {row['warning']}" for name, row in rows.items() if "warning" in row
+        ]
+    if notes:
+        out += ["", *notes]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list:
+        for name, v in VARIANTS.items():
+            reason = v.requires()
+            flags = ("" if v.default else " [opt-in]") + (f" [skip: {reason}]" if reason else "")
+            print(f"{name:26} {v.description}{flags}")
+        return 0
+    settings = _plan_settings(args)
+    names = _choose_variants(args.variants)
+    skipped: dict[str, str] = {}
+    for name in names:
+        reason = VARIANTS[name].requires()
+        if reason is not None:
+            skipped[name] = reason
+    active = [n for n in names if n not in skipped]
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in active}
+    errors: dict[str, str] = {}
+    started = time.monotonic()
+    command = "python -m benchmarks" + (
+        " " + shlex.join(sys.argv[1:] if argv is None else argv)
+        if (sys.argv[1:] if argv is None else argv)
+        else ""
+    )
+    print(f"# {command}: {len(active)} variants x {settings['rounds']} rounds", file=sys.stderr)
+    for round_index in range(settings["rounds"]):
+        live = [n for n in active if n not in skipped and n not in errors]
+        shift = round_index % len(live) if live else 0
+        for name in live[shift:] + live[:shift]:
+            plan = {
+                "variant": name,
+                **{k: settings[k] for k in ("endpoints", "requests", "warmup", "batches")},
+                "memory_requests": settings["memory_requests"] if round_index == 0 else 0,
+                "processor": settings["processor"],
+                "loop": settings["loop"],
+            }
+            result = _run_worker(plan)
+            if "skipped" in result:
+                skipped[name] = result["skipped"]
+            elif "error" in result:
+                errors[name] = result["error"]
+                print(f"  {name}: FAILED\n{result['error']}", file=sys.stderr)
+            else:
+                runs[name].append(result)
+                medians = ", ".join(
+                    f"{p} {e['median_us']:.0f}" for p, e in result["endpoints"].items()
+                )
+                print(
+                    f"  round {round_index + 1} {name:26} {medians} µs "
+                    f"[{time.monotonic() - started:.0f}s]",
+                    file=sys.stderr,
+                )
+    raw: dict[str, Any] = {
+        "command": command,
+        "environment": _environment(),
+        "settings": settings,
+        "variants": [n for n in names if runs.get(n)],
+        "descriptions": {n: VARIANTS[n].description for n in names},
+        "skipped": skipped,
+        "errors": errors,
+        "runs": {n: r for n, r in runs.items() if r},
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    raw["summary"] = summarise(raw)
+    env = raw["environment"]
+    print(
+        f"{command}\n{env['date']}; {env['cpus']} CPUs; {env['implementation']} {env['python']}; "
+        f"{env['platform']}; span processor: {settings['processor']}; loop: {settings['loop']}; "
+        f"took {raw['elapsed_s']} s\n"
+        + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+    )
+    print(_format_tables(raw))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(raw, indent=1) + "\n")
+        print(f"\nraw results: {args.json}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
