@@ -1,8 +1,8 @@
 """One variant run, in its own process: ``python -m benchmarks._worker '<json plan>'``.
 
 Builds the variant's app, runs its lifespan, then for each endpoint drives the ASGI callable
-directly (prebuilt scope, receive and send; no HTTP client, no sockets): warm-up, then timed
-batches of sequential requests. Optionally measures memory with tracemalloc afterwards.
+directly (prebuilt scope, receive and send; no HTTP client, no sockets): warm-up, then
+sequential requests, each timed. Optionally measures memory with tracemalloc afterwards.
 Prints one JSON object on the last line of stdout.
 """
 
@@ -123,23 +123,33 @@ async def _check(app: ASGIApp, template: Scope) -> tuple[int | None, int]:
 
 
 async def _time_endpoint(
-    app: ASGIApp, template: Scope, requests: int, warmup: int, batches: int
+    app: ASGIApp, template: Scope, requests: int, warmup: int
 ) -> dict[str, Any]:
+    """Warm up, then time ``requests`` sequential requests one by one.
+
+    The per-request median is robust to the preemptions a busy machine inflicts on a few
+    requests; the mean (total time / requests) includes them, and garbage collection.
+    """
     status, size = await _check(app, template)
     await _drive(app, template, warmup, _discard)
     gc.collect()
-    per_batch = max(1, requests // batches)
-    batch_us: list[float] = []
-    for _ in range(batches):
-        start = time.perf_counter_ns()
-        await _drive(app, template, per_batch, _discard)
-        batch_us.append((time.perf_counter_ns() - start) / per_batch / 1000)
+    times = [0] * requests
+    receive, send, copy, clock = _receive, _discard, template.copy, time.perf_counter_ns
+    started = clock()
+    for i in range(requests):
+        start = clock()
+        await app(copy(), receive, send)
+        times[i] = clock() - start
+    total = clock() - started
+    times.sort()
     return {
         "status": status,
         "response_bytes": size,
-        "requests": per_batch * batches,
-        "batch_us": batch_us,
-        "median_us": statistics.median(batch_us),
+        "requests": requests,
+        "median_us": statistics.median(times) / 1000,
+        "mean_us": total / requests / 1000,
+        "p10_us": times[requests // 10] / 1000,
+        "p90_us": times[(requests * 9) // 10] / 1000,
     }
 
 
@@ -187,13 +197,14 @@ async def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
         for path in plan["endpoints"]:
             spec = plan["requests"][path]
             endpoints[path] = await _time_endpoint(
-                app, templates[path], spec, plan["warmup"].get(path, 0), plan["batches"]
+                app, templates[path], spec, plan["warmup"].get(path, 0)
             )
         memory = plan.get("memory_requests", 0)
         if memory:
             for path in plan["endpoints"]:
                 endpoints[path]["memory"] = await _memory_endpoint(app, templates[path], memory)
     finally:
+        gc.unfreeze()
         await lifespan.shutdown()
         for provider in ctx.providers:
             provider.shutdown()

@@ -38,14 +38,12 @@ FULL = {
     "rounds": 5,
     "requests": {"/plain": 4000, "/deps": 2000, "/items": 800},
     "warmup": {"/plain": 400, "/deps": 200, "/items": 80},
-    "batches": 10,
     "memory_requests": 300,
 }
 QUICK = {
     "rounds": 2,
     "requests": {"/plain": 500, "/deps": 300, "/items": 100},
     "warmup": {"/plain": 100, "/deps": 50, "/items": 20},
-    "batches": 5,
     "memory_requests": 100,
 }
 PACKAGES = (
@@ -85,7 +83,6 @@ def _parser() -> argparse.ArgumentParser:
         "--requests", type=int, help="timed requests per endpoint per run (overrides the defaults)"
     )
     p.add_argument("--warmup", type=int, help="warm-up requests per endpoint per run")
-    p.add_argument("--batches", type=int, help="timed batches per run (median taken)")
     p.add_argument(
         "--memory-requests",
         type=int,
@@ -163,7 +160,6 @@ def _plan_settings(args: argparse.Namespace) -> dict[str, Any]:
         "endpoints": endpoints,
         "requests": requests,
         "warmup": warmup,
-        "batches": args.batches or base["batches"],
         "memory_requests": (
             args.memory_requests if args.memory_requests is not None else base["memory_requests"]
         ),
@@ -201,8 +197,10 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
                 None,
             )
             q = statistics.quantiles(per_round, n=4) if len(per_round) >= 2 else per_round * 3
+            means = [r["endpoints"][path]["mean_us"] for r in runs if "endpoints" in r]
             rows[name] = {
                 "median_us": statistics.median(per_round),
+                "mean_us": statistics.median(means),
                 "min_us": min(per_round),
                 "max_us": max(per_round),
                 "iqr_us": [q[0], q[2]],
@@ -240,8 +238,8 @@ def _format_tables(raw: dict[str, Any]) -> str:
             " per variant)\n"
         )
         memory = any(row.get("memory") for row in rows.values())
-        header = "| variant | µs/request | x bare | +µs | spread (min-max) |"
-        rule = "|---|---:|---:|---:|---:|"
+        header = "| variant | µs/request | x bare | +µs | spread (min-max) | mean µs |"
+        rule = "|---|---:|---:|---:|---:|---:|"
         if memory:
             header += " mem growth KiB | mem peak KiB |"
             rule += "---:|---:|"
@@ -254,7 +252,7 @@ def _format_tables(raw: dict[str, Any]) -> str:
             delta = "" if row["delta_us"] is None else f"{row['delta_us']:+.1f}"
             line = (
                 f"| {name} | {row['median_us']:.1f} | {ratio} | {delta} "
-                f"| {row['min_us']:.1f}-{row['max_us']:.1f} |"
+                f"| {row['min_us']:.1f}-{row['max_us']:.1f} | {row['mean_us']:.1f} |"
             )
             if memory:
                 mem = row.get("memory")
@@ -305,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in live[shift:] + live[:shift]:
             plan = {
                 "variant": name,
-                **{k: settings[k] for k in ("endpoints", "requests", "warmup", "batches")},
+                **{k: settings[k] for k in ("endpoints", "requests", "warmup")},
                 "memory_requests": settings["memory_requests"] if round_index == 0 else 0,
                 "processor": settings["processor"],
                 "loop": settings["loop"],
