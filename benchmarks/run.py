@@ -113,6 +113,7 @@ def _environment() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
         "packages": versions,
     }
 
@@ -201,6 +202,9 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
             rows[name] = {
                 "median_us": statistics.median(per_round),
                 "mean_us": statistics.median(means),
+                "cpu_us": statistics.median(
+                    r["endpoints"][path]["cpu_us"] for r in runs if "endpoints" in r
+                ),
                 "min_us": min(per_round),
                 "max_us": max(per_round),
                 "iqr_us": [q[0], q[2]],
@@ -211,10 +215,11 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         base = rows.get(BASELINE)
         for name, row in rows.items():
             if base is None:
-                row["ratio"] = row["delta_us"] = None
+                row["ratio"] = row["delta_us"] = row["cpu_ratio"] = None
                 continue
             row["ratio"] = row["median_us"] / base["median_us"]
             row["delta_us"] = row["median_us"] - base["median_us"]
+            row["cpu_ratio"] = row["cpu_us"] / base["cpu_us"]
             # Round-by-round ratio (this variant vs bare in the same round): drift-robust.
             paired = [
                 v / b for v, b in zip(row["per_round_us"], base["per_round_us"], strict=False)
@@ -238,8 +243,11 @@ def _format_tables(raw: dict[str, Any]) -> str:
             " per variant)\n"
         )
         memory = any(row.get("memory") for row in rows.values())
-        header = "| variant | µs/request | x bare | +µs | spread (min-max) | mean µs |"
-        rule = "|---|---:|---:|---:|---:|---:|"
+        header = (
+            "| variant | µs/request | x bare | +µs | spread (min-max) "
+            "| mean µs | CPU µs | CPU x bare |"
+        )
+        rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
         if memory:
             header += " mem growth KiB | mem peak KiB |"
             rule += "---:|---:|"
@@ -250,9 +258,11 @@ def _format_tables(raw: dict[str, Any]) -> str:
                 continue
             ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
             delta = "" if row["delta_us"] is None else f"{row['delta_us']:+.1f}"
+            cpu_ratio = "" if row["cpu_ratio"] is None else f"{row['cpu_ratio']:.2f}"
             line = (
                 f"| {name} | {row['median_us']:.1f} | {ratio} | {delta} "
-                f"| {row['min_us']:.1f}-{row['max_us']:.1f} | {row['mean_us']:.1f} |"
+                f"| {row['min_us']:.1f}-{row['max_us']:.1f} | {row['mean_us']:.1f} "
+                f"| {row['cpu_us']:.1f} | {cpu_ratio} |"
             )
             if memory:
                 mem = row.get("memory")
@@ -290,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     active = [n for n in names if n not in skipped]
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in active}
     errors: dict[str, str] = {}
+    environment = _environment()
     started = time.monotonic()
     command = "python -m benchmarks" + (
         " " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -326,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     raw: dict[str, Any] = {
         "command": command,
-        "environment": _environment(),
+        "environment": environment,
         "settings": settings,
         "variants": [n for n in names if runs.get(n)],
         "descriptions": {n: VARIANTS[n].description for n in names},
@@ -334,13 +345,15 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
         "runs": {n: r for n, r in runs.items() if r},
         "elapsed_s": round(time.monotonic() - started, 1),
+        "load_average_after": list(os.getloadavg()),
     }
     raw["summary"] = summarise(raw)
     env = raw["environment"]
     print(
         f"{command}\n{env['date']}; {env['cpus']} CPUs; {env['implementation']} {env['python']}; "
         f"{env['platform']}; span processor: {settings['processor']}; loop: {settings['loop']}; "
-        f"took {raw['elapsed_s']} s\n"
+        f"took {raw['elapsed_s']} s; load average before "
+        f"{env['load_average'][0]:.2f}, after {raw['load_average_after'][0]:.2f}\n"
         + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
     )
     print(_format_tables(raw))

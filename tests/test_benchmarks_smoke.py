@@ -33,7 +33,10 @@ def test_quickest_run_reports_table_and_raw_json(
     assert code == 0
     printed = capsys.readouterr().out
     assert "### `/plain`" in printed
-    assert "| variant | µs/request | x bare | +µs | spread (min-max) | mean µs |" in printed
+    assert (
+        "| variant | µs/request | x bare | +µs | spread (min-max) | mean µs | CPU µs | CPU x bare |"
+        in printed
+    )
     assert "| bare |" in printed
 
     raw = json.loads(out.read_text())
@@ -45,6 +48,7 @@ def test_quickest_run_reports_table_and_raw_json(
     timing = result["endpoints"]["/plain"]
     assert timing["status"] == 200
     assert timing["requests"] == 20
+    assert timing["cpu_us"] > 0
     assert 0 < timing["p10_us"] <= timing["median_us"] <= timing["p90_us"]
     assert timing["memory"]["requests"] == 5
     row = raw["summary"]["/plain"]["bare"]
