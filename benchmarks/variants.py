@@ -155,41 +155,52 @@ def _fastprof_app(
     *,
     sampled: bool,
     option: str | None = None,
-    candidates: Sequence[Any] = (),
+    candidates: Sequence[Callable[[], Any]] = (),
 ) -> ASGIApp:
-    """A benchmark app instrumented by fastprof, with only the route span unless ``option``.
+    """A benchmark app instrumented by fastprof: the route span only, plus ``option``.
 
-    ``dependencies`` is turned off when the option exists, so ``fastprof-sampled`` keeps
-    measuring the route span alone as the API grows. For ``option``, the first of
-    ``candidates`` that ``fastprof.instrument`` accepts is used (values are validated at
-    construction, so a rejected value raises before the app is touched).
+    ``dependencies`` is turned off when that option exists, so ``fastprof-sampled`` keeps
+    measuring the route span alone as the API grows. For ``option``, each factory in
+    ``candidates`` makes a value to try; the first that ``fastprof.instrument`` accepts is
+    used (options are validated when ``instrument`` is called).
     """
     import fastprof
 
     tp = ctx.tracer_provider(sampled=sampled)
     base: dict[str, Any] = {"tracer_provider": tp}
-    if option != "dependencies":
-        base.update(_first_accepted("dependencies", ("off", False), base))
+    params = _instrument_parameters()
+    if option != "dependencies" and "dependencies" in params:
+        base["dependencies"] = "off"
     if option is None:
         return fastprof.instrument(create_app(), **base)
-    extra = _first_accepted(option, candidates, base)
-    if not extra:
-        raise Skip(f"fastprof.instrument() rejected every {option}= value tried: {candidates!r}")
-    return fastprof.instrument(create_app(), **base, **extra)
-
-
-def _first_accepted(option: str, candidates: Sequence[Any], base: dict[str, Any]) -> dict[str, Any]:
-    import fastprof
-
-    if option not in _instrument_parameters():
-        return {}
-    for value in candidates:
+    if option not in params:
+        raise Skip(f"fastprof.instrument() has no {option}= option")
+    rejected = []
+    for make in candidates:
         try:
-            fastprof.instrument(create_app(), **base, **{option: value})
-        except (TypeError, ValueError):
-            continue
-        return {option: value}
-    return {}
+            value = make()
+            return fastprof.instrument(create_app(), **base, **{option: value})
+        except (AttributeError, TypeError, ValueError) as exc:
+            rejected.append(f"{type(exc).__name__}: {exc}")
+    raise Skip(f"fastprof.instrument() rejected every {option}= value tried: {rejected}")
+
+
+def _const(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
+def _fastprof_object(class_name: str, **kwargs: Any) -> Callable[[], Any]:
+    """A factory for ``fastprof.<class_name>(**kwargs)`` (AttributeError if it does not exist)."""
+
+    def make() -> Any:
+        import fastprof
+
+        return getattr(fastprof, class_name)(**kwargs)
+
+    return make
+
+
+_PROFILING_SECRET = "benchmark-secret-" + "x" * 32
 
 
 # --- the variants ------------------------------------------------------------------------
@@ -310,7 +321,9 @@ def _fastprof_unsampled(ctx: SetupContext) -> ASGIApp:
     requires=_needs_instrument_option("dependencies"),
 )
 def _fastprof_deps_sampled(ctx: SetupContext) -> ASGIApp:
-    return _fastprof_app(ctx, sampled=True, option="dependencies", candidates=("all", True))
+    return _fastprof_app(
+        ctx, sampled=True, option="dependencies", candidates=(_const("all"), _const(True))
+    )
 
 
 @variant(
@@ -319,17 +332,23 @@ def _fastprof_deps_sampled(ctx: SetupContext) -> ASGIApp:
     requires=_needs_instrument_option("dependencies"),
 )
 def _fastprof_deps_unsampled(ctx: SetupContext) -> ASGIApp:
-    return _fastprof_app(ctx, sampled=False, option="dependencies", candidates=("all", True))
+    return _fastprof_app(
+        ctx, sampled=False, option="dependencies", candidates=(_const("all"), _const(True))
+    )
 
 
 @variant(
     "fastprof-profiling-idle",
-    "fastprof with on-demand profiling configured, never triggered, ALWAYS_ON",
+    "fastprof with on-demand profiling configured (token header), never triggered, ALWAYS_ON",
     requires=_needs_instrument_option("profiling"),
 )
 def _fastprof_profiling_idle(ctx: SetupContext) -> ASGIApp:
+    # Header/token trigger configured, sample_rate 0, no request carries a token.
     return _fastprof_app(
-        ctx, sampled=True, option="profiling", candidates=(True, "header", "on_demand", {})
+        ctx,
+        sampled=True,
+        option="profiling",
+        candidates=(_fastprof_object("Profiling", secret=_PROFILING_SECRET), _const(True)),
     )
 
 
@@ -339,4 +358,25 @@ def _fastprof_profiling_idle(ctx: SetupContext) -> ASGIApp:
     requires=_needs_instrument_option("loop_monitor"),
 )
 def _fastprof_loop(ctx: SetupContext) -> ASGIApp:
-    return _fastprof_app(ctx, sampled=True, option="loop_monitor", candidates=(True, {}))
+    # Started at lifespan startup, which the driver runs.
+    return _fastprof_app(
+        ctx,
+        sampled=True,
+        option="loop_monitor",
+        candidates=(_fastprof_object("LoopMonitor"), _const(True)),
+    )
+
+
+@variant(
+    "fastprof-slowlog",
+    "fastprof with the slow-request log (1 s threshold: never logs here), ALWAYS_ON",
+    requires=_needs_instrument_option("slow_requests"),
+    default=False,
+)
+def _fastprof_slowlog(ctx: SetupContext) -> ASGIApp:
+    return _fastprof_app(
+        ctx,
+        sampled=True,
+        option="slow_requests",
+        candidates=(_fastprof_object("SlowRequestLog"), _const(True)),
+    )

@@ -34,7 +34,7 @@ def test_quickest_run_reports_table_and_raw_json(
     printed = capsys.readouterr().out
     assert "### `/plain`" in printed
     assert (
-        "| variant | µs/request | x bare | +µs | spread (min-max) | mean µs | CPU µs | CPU x bare |"
+        "| variant | µs/request | x bare | +µs | spread (min-max) | x bare, best rounds | CPU µs | CPU x bare |"
         in printed
     )
     assert "| bare |" in printed
