@@ -18,7 +18,7 @@ import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Scope
+from starlette.types import ASGIApp, Message
 
 __all__ = ["main", "run_plan"]
 
@@ -26,7 +26,7 @@ _ASGI = {"version": "3.0", "spec_version": "2.4"}
 _REQUEST: Message = {"type": "http.request", "body": b"", "more_body": False}
 
 
-def _scope(path: str) -> Scope:
+def _scope(path: str) -> dict[str, Any]:
     return {
         "type": "http",
         "asgi": _ASGI,
@@ -103,7 +103,7 @@ class _Lifespan:
 
 
 async def _drive(
-    app: ASGIApp, template: Scope, n: int, send: Callable[[Message], Awaitable[None]]
+    app: ASGIApp, template: dict[str, Any], n: int, send: Callable[[Message], Awaitable[None]]
 ) -> None:
     receive = _receive
     copy = template.copy
@@ -111,7 +111,7 @@ async def _drive(
         await app(copy(), receive, send)
 
 
-async def _check(app: ASGIApp, template: Scope) -> tuple[int | None, int]:
+async def _check(app: ASGIApp, template: dict[str, Any]) -> tuple[int | None, int]:
     checker = _Checker()
     await app(template.copy(), _receive, checker)
     if checker.status != 200 or not checker.body:
@@ -123,7 +123,7 @@ async def _check(app: ASGIApp, template: Scope) -> tuple[int | None, int]:
 
 
 async def _time_endpoint(
-    app: ASGIApp, template: Scope, requests: int, warmup: int
+    app: ASGIApp, template: dict[str, Any], requests: int, warmup: int
 ) -> dict[str, Any]:
     """Warm up, then time ``requests`` sequential requests one by one.
 
@@ -158,7 +158,7 @@ async def _time_endpoint(
     }
 
 
-async def _memory_endpoint(app: ASGIApp, template: Scope, requests: int) -> dict[str, Any]:
+async def _memory_endpoint(app: ASGIApp, template: dict[str, Any], requests: int) -> dict[str, Any]:
     tracemalloc.start()
     try:
         await _drive(app, template, min(50, requests), _discard)

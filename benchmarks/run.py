@@ -35,13 +35,13 @@ BASELINE = "bare"
 
 # Requests per endpoint per variant run, sized so a run takes ~2 s; many short rounds rather
 # than a few long ones, so that slow phases of a shared machine hit every variant alike.
-FULL = {
+FULL: dict[str, Any] = {
     "rounds": 9,
     "requests": {"/plain": 2000, "/deps": 1000, "/items": 400},
     "warmup": {"/plain": 300, "/deps": 150, "/items": 60},
     "memory_requests": 300,
 }
-QUICK = {
+QUICK: dict[str, Any] = {
     "rounds": 2,
     "requests": {"/plain": 500, "/deps": 300, "/items": 100},
     "warmup": {"/plain": 100, "/deps": 50, "/items": 20},
@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _environment() -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
