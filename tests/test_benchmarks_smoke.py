@@ -1,0 +1,79 @@
+"""Smoke test of the benchmark harness (``benchmarks/``): structure only, never speed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run
+from benchmarks._worker import run_plan
+from benchmarks.app import ENDPOINTS
+from benchmarks.variants import VARIANTS
+
+
+def test_quickest_run_reports_table_and_raw_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    code = run.main(
+        [
+            "--quick",
+            "--variants", "bare",
+            "--endpoints", "/plain",
+            "--rounds", "1",
+            "--requests", "20",
+            "--warmup", "2",
+            "--memory-requests", "5",
+            "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "### `/plain`" in printed
+    assert run.TABLE_HEADER in printed
+    assert "| bare |" in printed
+
+    raw = json.loads(out.read_text())
+    assert raw["variants"] == ["bare"]
+    assert raw["errors"] == {}
+    assert raw["settings"]["endpoints"] == ["/plain"]
+    assert {"python", "cpus", "packages", "date"} <= raw["environment"].keys()
+    (result,) = raw["runs"]["bare"]
+    timing = result["endpoints"]["/plain"]
+    assert timing["status"] == 200
+    assert timing["requests"] == 20
+    assert timing["cpu_us"] > 0
+    assert 0 < timing["p10_us"] <= timing["median_us"] <= timing["p90_us"]
+    assert timing["memory"]["requests"] == 5
+    row = raw["summary"]["/plain"]["bare"]
+    assert row["ratio"] == 1.0
+    assert row["delta_us"] == 0.0
+    assert row["best_us"] <= row["median_us"] <= row["max_us"]
+    assert row["median_ratio"] == 1.0
+
+
+def test_every_available_variant_serves_every_endpoint() -> None:
+    """Each variant's app answers 200 on each endpoint, or is skipped with a reason."""
+    bare = asyncio.run(run_plan(_plan("bare")))["endpoints"]
+    for name in VARIANTS:
+        result = asyncio.run(run_plan(_plan(name)))
+        if "skipped" in result:
+            assert result["skipped"], name
+            continue
+        for path in ENDPOINTS:
+            endpoint = result["endpoints"][path]
+            assert endpoint["status"] == 200, (name, path)
+            assert endpoint["response_bytes"] == bare[path]["response_bytes"], (name, path)
+
+
+def _plan(variant: str) -> dict[str, object]:
+    return {
+        "variant": variant,
+        "endpoints": list(ENDPOINTS),
+        "requests": dict.fromkeys(ENDPOINTS, 2),
+        "warmup": dict.fromkeys(ENDPOINTS, 1),
+        "processor": "simple",
+    }
