@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -47,26 +47,29 @@ class Timing:
 class RequestState:
     """What fastprof knows about one in-flight request."""
 
-    __slots__ = (
-        "blocked_s",
-        "dependency_spans",
-        "dependency_spans_dropped",
-        "method",
-        "path",
-        "profile_id",
-        "_request_id",
-        "route",
-        "span",
-        "start_ns",
-        "status_code",
-        "task",
-        "threadpool_wait_s",
-        "timings",
-        "timings_dropped",
-        "extra",
-        "current_operation",
-        "worker_hook",
-    )
+    # Defaults live on the class, so a request sets only what it knows at start
+    # (no __slots__: per-request construction stays a handful of stores).
+    _route: str | None = None
+    _route_resolver: Callable[[], str | None] | None = None
+    status_code: int | None = None
+    dependency_spans: int = 0
+    dependency_spans_dropped: int = 0
+    #: Bounded by :data:`MAX_TIMINGS`; append with :meth:`add_timing`.
+    timings: Sequence[Timing] = ()
+    timings_dropped: int = 0
+    threadpool_wait_s: float = 0.0
+    blocked_s: float = 0.0
+    profile_id: str | None = None
+    task: Any = None
+    extra: dict[str, Any] | None = None
+    #: Name of the dependency/phase currently running on the event loop for
+    #: this request (set by dependency instrumentation; read by the loop
+    #: watchdog from another thread to attribute a block).
+    current_operation: str | None = None
+    #: When set (by an active profile), sync work that fastprof runs in a
+    #: worker thread for this request is called as ``worker_hook(fn)``
+    #: instead of ``fn()``, so the profile can cover the worker thread.
+    worker_hook: Callable[[Callable[[], Any]], Any] | None = None
 
     def __init__(self, *, request_id: str | None, span: Span, method: str, path: str) -> None:
         self._request_id = request_id
@@ -74,25 +77,6 @@ class RequestState:
         self.method = method
         self.path = path
         self.start_ns = time.perf_counter_ns()
-        self.route: str | None = None
-        self.status_code: int | None = None
-        self.dependency_spans = 0
-        self.dependency_spans_dropped = 0
-        self.timings: list[Timing] = []
-        self.timings_dropped = 0
-        self.threadpool_wait_s = 0.0
-        self.blocked_s = 0.0
-        self.profile_id: str | None = None
-        self.task: Any = None
-        self.extra: dict[str, Any] | None = None
-        #: Name of the dependency/phase currently running on the event loop for
-        #: this request (set by dependency instrumentation; read by the loop
-        #: watchdog from another thread to attribute a block).
-        self.current_operation: str | None = None
-        #: When set (by an active profile), sync work that fastprof runs in a
-        #: worker thread for this request is called as ``worker_hook(fn)``
-        #: instead of ``fn()``, so the profile can cover the worker thread.
-        self.worker_hook: Callable[[Callable[[], Any]], Any] | None = None
 
     @property
     def request_id(self) -> str:
@@ -103,10 +87,34 @@ class RequestState:
             request_id = self._request_id = os.urandom(8).hex()
         return request_id
 
+    @property
+    def route(self) -> str | None:
+        """The route template (``http.route``), known once the response completes.
+
+        Resolved on first use, so requests nobody asks about don't pay for it.
+        """
+        resolver = self._route_resolver
+        if resolver is not None:
+            self._route_resolver = None
+            self._route = resolver()
+        return self._route
+
+    @route.setter
+    def route(self, value: str | None) -> None:
+        self._route_resolver = None
+        self._route = value
+
+    def resolve_route_with(self, resolver: Callable[[], str | None]) -> None:
+        """Set how to resolve :attr:`route` when it is first read."""
+        self._route_resolver = resolver
+
     def add_timing(self, timing: Timing) -> None:
         """Record a timing, bounded by :data:`MAX_TIMINGS`."""
-        if len(self.timings) < MAX_TIMINGS:
-            self.timings.append(timing)
+        timings = self.timings
+        if not isinstance(timings, list):
+            timings = self.timings = []
+        if len(timings) < MAX_TIMINGS:
+            timings.append(timing)
         else:
             self.timings_dropped += 1
         self.threadpool_wait_s += timing.threadpool_wait_s

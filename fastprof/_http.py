@@ -74,9 +74,12 @@ _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 def find_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """Return the first value of header ``name`` (lower-case bytes), or ``None``."""
+    """Return the first value of header ``name`` (lower-case bytes), or ``None``.
+
+    ASGI servers lower-case header names, so names are compared as they are.
+    """
     for key, value in headers:
-        if key == name or key.lower() == name:
+        if key == name:
             return value
     return None
 
@@ -88,7 +91,7 @@ class _RawHeadersGetter(Getter[RawHeaders]):
         name = key.lower().encode("latin-1")
         values: list[str] = []
         for raw_key, raw_value in carrier:
-            if raw_key == name or raw_key.lower() == name:
+            if raw_key == name:
                 if len(raw_value) > MAX_PROPAGATION_HEADER_BYTES:
                     return None  # oversized: ignore the header entirely
                 values.append(raw_value.decode("latin-1"))
@@ -105,16 +108,40 @@ class _RawHeadersGetter(Getter[RawHeaders]):
 _GETTER: Final = _RawHeadersGetter()
 
 
-def extract_context(headers: RawHeaders) -> Context | None:
+_fields_cache: tuple[object, frozenset[bytes]] = (None, frozenset())
+
+
+def _propagation_fields() -> frozenset[bytes] | None:
+    """Header names the global propagator reads (``None``: unknown, always extract)."""
+    global _fields_cache
+    propagator = propagate.get_global_textmap()
+    cached_for, fields = _fields_cache
+    if cached_for is not propagator:
+        try:
+            fields = frozenset(f.lower().encode("latin-1") for f in propagator.fields)
+        except Exception:
+            return None
+        _fields_cache = (propagator, fields)
+    return fields or None
+
+
+_EMPTY: Final = Context()
+
+
+def extract_context(headers: RawHeaders) -> Context:
     """Extract the remote parent with the global propagator.
 
     Malformed, oversized or duplicated-and-conflicting values give an empty
     context (a new root); a propagator that raises is treated the same way.
+    Requests that carry none of the propagator's headers skip extraction.
     """
     try:
-        return propagate.extract(headers, getter=_GETTER)
+        fields = _propagation_fields()
+        if fields is not None and not any(key in fields for key, _ in headers):
+            return _EMPTY  # a new root: never the ambient context
+        return propagate.extract(headers, getter=_GETTER, context=_EMPTY)
     except Exception:
-        return None
+        return _EMPTY
 
 
 def redact_query(query: bytes, policy: QueryPolicy, limit: int) -> str | None:

@@ -492,3 +492,15 @@ async def test_hooks_run_in_order_with_span_state(spans: Spans) -> None:
         ("bg", None),
         ("exit", False),
     ]
+
+
+@pytest.mark.parametrize("traceparent", [None, "garbage"])
+async def test_ambient_context_is_never_the_parent(spans: Spans, traceparent: str | None) -> None:
+    """FM-05: a span leaked into the ambient context (not a SERVER span) is ignored."""
+    app = build_app(spans)
+    tracer = spans.provider.get_tracer("leak")
+    headers = [(b"traceparent", traceparent.encode())] if traceparent else []
+    with tracer.start_as_current_span("leaked from another request"):
+        await drive_http(app, "GET", "/api/items/1", headers=headers)
+    (server,) = spans.server()
+    assert server.parent is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
@@ -214,6 +215,7 @@ class _Request:
         "_span_method",
         "_state_token",
         "_trailers",
+        "_ttfb_s",
         "entry_app",
         "entry_path",
         "entry_root_path",
@@ -237,13 +239,13 @@ class _Request:
         span = _foreign_server_span(scope)
         self._owned = span is None
         self._span_method = ""
+        self._ttfb_s = -1.0
+        method_attrs: dict[str, Any] = {}
         if span is None:
             parent = extract_context(headers)
             span_method, method_attrs = method_attributes(method)
             self._span_method = span_method
             span = mw._tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
-            if span.is_recording():
-                span.set_attributes(self._request_attributes(scope, headers, method_attrs))
             ctx = trace.set_span_in_context(span, parent)
         else:
             ctx = None
@@ -254,7 +256,14 @@ class _Request:
             request_id=request_id, span=span, method=method, path=self.entry_path
         )
         if span.is_recording():
-            span.set_attribute("fastprof.request_id", self.state.request_id)
+            # One batch: every set_attribute call on an SDK span takes its lock.
+            attrs = (
+                self._request_attributes(scope, headers, method_attrs)
+                if self._owned
+                else {}
+            )
+            attrs["fastprof.request_id"] = self.state.request_id
+            span.set_attributes(attrs)
         scope[SCOPE_KEY] = self.state
         self._state_token = current_request.set(self.state)
         self._context_token = otel_context.attach(ctx) if ctx is not None else None
@@ -369,9 +378,7 @@ class _Request:
         self._response_started = True
         self._trailers = bool(message.get("trailers", False))
         state.status_code = message.get("status")
-        span = state.span
-        if span.is_recording():
-            span.set_attribute("fastprof.time_to_response_start_s", state.elapsed_s())
+        self._ttfb_s = state.elapsed_s()
         if response_header is not None:
             headers = list(message.get("headers", []))
             headers.append((response_header, state.request_id.encode("latin-1")))
@@ -389,8 +396,14 @@ class _Request:
         self._finished = True
         state = self.state
         try:
-            state.route = resolve_route(
-                scope, self.entry_app, self.entry_root_path, self.entry_path
+            state.resolve_route_with(
+                functools.partial(
+                    _resolve_route_safely,
+                    scope,
+                    self.entry_app,
+                    self.entry_root_path,
+                    self.entry_path,
+                )
             )
             span = state.span
             if span.is_recording():
@@ -415,11 +428,14 @@ class _Request:
     def _annotate(self, span: trace.Span, error: BaseException | None) -> None:
         state = self.state
         limit = self._mw._limit
-        if self._disconnected and not self._completed:
-            span.set_attribute("fastprof.client_disconnected", True)
-        if not self._owned:
-            return
         attrs: dict[str, Any] = {}
+        if self._ttfb_s >= 0:
+            attrs["fastprof.time_to_response_start_s"] = self._ttfb_s
+        if self._disconnected and not self._completed:
+            attrs["fastprof.client_disconnected"] = True
+        if not self._owned:
+            span.set_attributes(attrs)
+            return
         status = state.status_code
         if error is not None and not self._response_started and isinstance(error, Exception):
             # Starlette's ServerErrorMiddleware (outside us) turns it into a 500.
@@ -445,6 +461,16 @@ class _Request:
             attrs["error.type"] = error_type
             span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attrs)
+
+
+def _resolve_route_safely(
+    scope: Scope, entry_app: Any, entry_root_path: str, entry_path: str
+) -> str | None:
+    try:
+        return resolve_route(scope, entry_app, entry_root_path, entry_path)
+    except Exception as exc:
+        _internal_errors.report("request_end", exc)
+        return None
 
 
 def _implementing(hooks: tuple[RequestHooks, ...], method: str) -> tuple[RequestHooks, ...]:
