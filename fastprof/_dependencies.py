@@ -1161,7 +1161,8 @@ class DependencySpans(RequestHooks):
             )
 
     def on_app_exit(self, state: RequestState) -> None:
-        tracker = state.extra.get(_EXTRA_KEY) if state.extra else None
+        # pop: breaks the state <-> tracker reference cycle, so both are freed now.
+        tracker = state.extra.pop(_EXTRA_KEY, None) if state.extra else None
         if isinstance(tracker, _Tracker) and tracker.token is not None:
             token, tracker.token = tracker.token, None
             _active.reset(token)

@@ -257,11 +257,7 @@ class _Request:
         )
         if span.is_recording():
             # One batch: every set_attribute call on an SDK span takes its lock.
-            attrs = (
-                self._request_attributes(scope, headers, method_attrs)
-                if self._owned
-                else {}
-            )
+            attrs = self._request_attributes(scope, headers, method_attrs) if self._owned else {}
             attrs["fastprof.request_id"] = self.state.request_id
             span.set_attributes(attrs)
         scope[SCOPE_KEY] = self.state
@@ -326,6 +322,9 @@ class _Request:
                 except Exception as exc:  # pragma: no cover - defensive
                     _internal_errors.report("context_detach", exc)
             current_request.reset(self._state_token)
+            # Break the scope <-> state reference cycle, so the request's objects
+            # (FastAPI keeps exit stacks in the scope) are freed now, not by the GC.
+            scope.pop(SCOPE_KEY, None)
 
     def _receive_wrapper(self, receive: Receive) -> Receive:
         async def wrapped_receive() -> Message:
