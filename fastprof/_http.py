@@ -137,8 +137,12 @@ def extract_context(headers: RawHeaders) -> Context:
     """
     try:
         fields = _propagation_fields()
-        if fields is not None and not any(key in fields for key, _ in headers):
-            return _EMPTY  # a new root: never the ambient context
+        if fields is not None:
+            for key, _ in headers:
+                if key in fields:
+                    break
+            else:
+                return _EMPTY  # a new root: never the ambient context
         return propagate.extract(headers, getter=_GETTER, context=_EMPTY)
     except Exception:
         return _EMPTY

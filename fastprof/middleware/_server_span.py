@@ -16,6 +16,7 @@ from fastprof import _internal_errors
 from fastprof.__about__ import __version__
 from fastprof._context import SCOPE_KEY, RequestState, current_request
 from fastprof._http import (
+    KNOWN_METHODS,
     QueryPolicy,
     extract_context,
     find_header,
@@ -211,6 +212,7 @@ class _Request:
         "_finished",
         "_mw",
         "_owned",
+        "_recording",
         "_response_started",
         "_span_method",
         "_state_token",
@@ -238,16 +240,14 @@ class _Request:
 
         span = _foreign_server_span(scope)
         self._owned = span is None
-        self._span_method = ""
         self._ttfb_s = -1.0
-        method_attrs: dict[str, Any] = {}
         if span is None:
             parent = extract_context(headers)
-            span_method, method_attrs = method_attributes(method)
-            self._span_method = span_method
+            span_method = self._span_method = _SPAN_METHODS.get(method, "HTTP")
             span = mw._tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
             ctx = trace.set_span_in_context(span, parent)
         else:
+            self._span_method = ""
             ctx = None
         request_id = None
         if mw._request_id_header is not None:
@@ -255,9 +255,14 @@ class _Request:
         self.state = RequestState(
             request_id=request_id, span=span, method=method, path=self.entry_path
         )
-        if span.is_recording():
+        recording = self._recording = span.is_recording()
+        if recording:
             # One batch: every set_attribute call on an SDK span takes its lock.
-            attrs = self._request_attributes(scope, headers, method_attrs) if self._owned else {}
+            attrs = (
+                self._request_attributes(scope, headers, method_attributes(method)[1])
+                if self._owned
+                else {}
+            )
             attrs["fastprof.request_id"] = self.state.request_id
             span.set_attributes(attrs)
         scope[SCOPE_KEY] = self.state
@@ -298,7 +303,7 @@ class _Request:
                 hook.on_request_start(self.state, scope)
             except Exception as exc:
                 _internal_errors.report("hook.on_request_start", exc)
-        if self.state.span.is_recording():
+        if self._recording:
             # Disconnects are only recorded on a recording span.
             receive = self._receive_wrapper(receive)
         try:
@@ -308,8 +313,10 @@ class _Request:
             self._end_span()
             raise
         else:
-            self._complete(scope, None)
-            self._end_span()
+            if not self._finished:
+                self._complete(scope, None)
+            if not self._ended:
+                self._end_span()
         finally:
             for hook in self._mw._exit_hooks:
                 try:
@@ -404,9 +411,8 @@ class _Request:
                     self.entry_path,
                 )
             )
-            span = state.span
-            if span.is_recording():
-                self._annotate(span, error)
+            if self._recording:
+                self._annotate(state.span, error)
         except Exception as exc:
             _internal_errors.report("request_end", exc)
         for hook in self._mw._end_hooks:
@@ -460,6 +466,9 @@ class _Request:
             attrs["error.type"] = error_type
             span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attrs)
+
+
+_SPAN_METHODS: Final = {m: m for m in KNOWN_METHODS}
 
 
 def _resolve_route_safely(
