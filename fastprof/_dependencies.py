@@ -774,16 +774,18 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
 def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
     async def traced(tracker: _Tracker, args: Any, kwargs: Any) -> Any:
         span = None
-        try:
-            span = _phase_span(
-                tracker,
-                "fastprof.serialization",
-                otel_context.get_current(),
-                time.perf_counter_ns(),
-                _SERIALIZATION_PHASE,
-            )
-        except Exception as exc:
-            _internal_errors.report("dependencies.serialization_start", exc)
+        started = time.perf_counter_ns()
+        if tracker.phases:
+            try:
+                span = _phase_span(
+                    tracker,
+                    "fastprof.serialization",
+                    otel_context.get_current(),
+                    started,
+                    _SERIALIZATION_PHASE,
+                )
+            except Exception as exc:
+                _internal_errors.report("dependencies.serialization_start", exc)
         try:
             return await original(*args, **kwargs)
         except BaseException as exc:
@@ -793,11 +795,14 @@ def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             if span is not None:
                 span.end()
+            # For the slow-request log, with or without phase spans.
+            duration_s = (time.perf_counter_ns() - started) / 1e9
+            tracker.state.add_timing(Timing("serialization", "serialization", duration_s))
 
     @functools.wraps(original)
     def serialize_response(*args: Any, **kwargs: Any) -> Any:
         tracker = _active.get()
-        if tracker is None or not tracker.phases:
+        if tracker is None:
             return original(*args, **kwargs)
         return traced(tracker, args, kwargs)
 

@@ -168,3 +168,4 @@ async def test_breakdown_from_real_dependency_instrumentation(spans: Any, sample
     assert names[0].endswith("get_db") and names[1].endswith("get_settings")
     assert line["dependencies"][0]["duration_s"] >= 0.07
     assert line["endpoint_s"] is not None and line["endpoint_s"] >= 0.04
+    assert line["serialization_s"] is not None and line["serialization_s"] >= 0

@@ -48,7 +48,23 @@ def _provider(native: bool) -> TracerProvider:
     return tp
 
 
-def make_fastapi(native: bool = False) -> tuple[Callable[[bool], Any], dict[bool, list[str]]]:
+def everything() -> dict[str, Any]:
+    """Every fastprof feature on, profiling every request (sample_rate=1.0)."""
+    return {
+        "profiling": fastprof.Profiling(
+            secret="transparency-secret-" + "x" * 32,
+            sample_rate=1.0,
+            max_per_minute=10_000,
+            max_concurrent=4,
+        ),
+        "loop_monitor": fastprof.LoopMonitor(threshold_s=0.1),
+        "slow_requests": fastprof.SlowRequestLog(threshold_s=0.0, level="debug"),
+    }
+
+
+def make_fastapi(
+    native: bool = False, features: bool = False
+) -> tuple[Callable[[bool], Any], dict[bool, list[str]]]:
     """An app factory covering the transparency matrix, plus its side-effect logs."""
     effects: dict[bool, list[str]] = {False: [], True: []}
 
@@ -159,7 +175,8 @@ def make_fastapi(native: bool = False) -> tuple[Callable[[bool], Any], dict[bool
             await websocket.close(code=4001)
 
         if instrumented:
-            fastprof.instrument(app, tracer_provider=_provider(False))
+            extra = everything() if features else {}
+            fastprof.instrument(app, tracer_provider=_provider(False), **extra)
         return app
 
     return factory, effects
@@ -185,10 +202,17 @@ HTTP_CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["native-off", "native-on"])
+CONFIGS = {
+    "native-off": {"native": False},
+    "native-on": {"native": True},
+    "all-features": {"native": False, "features": True},
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize(("path", "options"), HTTP_CASES, ids=[c[0] for c in HTTP_CASES])
-async def test_http_messages_identical(path: str, options: dict[str, Any], native: bool) -> None:
-    factory, effects = make_fastapi(native)
+async def test_http_messages_identical(path: str, options: dict[str, Any], config: str) -> None:
+    factory, effects = make_fastapi(**CONFIGS[config])
 
     async def driver(app: Any) -> Recording:
         return await drive_http(app, "GET", path, **options)
@@ -230,8 +254,9 @@ async def test_background_task_runs_with_fastprof() -> None:
     assert effects[True] == ["background-ran"]
 
 
-async def test_websocket_identical() -> None:
-    factory, _ = make_fastapi()
+@pytest.mark.parametrize("features", [False, True], ids=["route", "all-features"])
+async def test_websocket_identical(features: bool) -> None:
+    factory, _ = make_fastapi(features=features)
     bare, _ = await assert_transparent(
         factory,
         lambda app: drive_websocket(app, "/ws", [{"type": "websocket.receive", "text": "hi"}]),
@@ -241,8 +266,9 @@ async def test_websocket_identical() -> None:
     ]
 
 
-async def test_lifespan_identical_and_state_preserved() -> None:
-    factory, effects = make_fastapi()
+@pytest.mark.parametrize("features", [False, True], ids=["route", "all-features"])
+async def test_lifespan_identical_and_state_preserved(features: bool) -> None:
+    factory, effects = make_fastapi(features=features)
     bare, inst = await assert_transparent(factory, drive_lifespan)
     assert [m["type"] for m in inst.sent] == [
         "lifespan.startup.complete",
