@@ -62,8 +62,20 @@ def installed_fastapi_version() -> str:
 def download_sdist(version: str, dest: Path) -> Path:
     log(f"downloading the fastapi=={version} sdist")
     res = run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         "--disable-pip-version-check", "-q", f"fastapi=={version}", "-d", str(dest)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-q",
+            f"fastapi=={version}",
+            "-d",
+            str(dest),
+        ],
     )
     if res.returncode != 0:
         sys.exit(f"pip download of fastapi=={version} failed")
@@ -170,19 +182,44 @@ def make_venv(venv: Path, version: str, src: Path, reqs: list[str]) -> list[str]
 
 def xdist_works(py: Path, src: Path, workers: str) -> bool:
     probe = run(
-        [str(py), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", workers,
-         "tests/test_default_response_class.py"],
-        cwd=src, capture_output=True,
+        [
+            str(py),
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-n",
+            workers,
+            "tests/test_default_response_class.py",
+        ],
+        cwd=src,
+        capture_output=True,
     )
     return probe.returncode == 0
 
 
 def run_pytest(
-    py: Path, src: Path, paths: list[str], junit: Path, extra: list[str], with_fastprof: bool,
+    py: Path,
+    src: Path,
+    paths: list[str],
+    junit: Path,
+    extra: list[str],
+    with_fastprof: bool,
     stats_prefix: Path,
 ) -> tuple[int, float, str]:
-    cmd = [str(py), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rN",
-           f"--junitxml={junit}", "-o", "junit_family=xunit1"] + extra
+    cmd = [
+        str(py),
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rN",
+        f"--junitxml={junit}",
+        "-o",
+        "junit_family=xunit1",
+    ] + extra
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     if with_fastprof:
@@ -240,19 +277,40 @@ def merge_stats(prefix: Path) -> dict[str, object]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--fastapi", help="FastAPI version (default: the one installed in this Python)")
-    ap.add_argument("--venv", type=Path, help="virtualenv to (re)use (default: .fastapi-suite-venv[-VERSION])")
-    ap.add_argument("--workdir", type=Path, help="where to unpack and write results (default: a temp dir)")
-    ap.add_argument("--subset", nargs="+", metavar="PATH",
-                    help="run only these paths, relative to the sdist root (e.g. tests/test_tutorial)")
-    ap.add_argument("-n", "--workers", default="auto",
-                    help="pytest-xdist workers: 'auto', a number, or 0 for serial (default: auto)")
-    ap.add_argument("--timeout", type=int, help="per-test timeout in seconds (pytest-timeout; default: the suite's)")
+    ap.add_argument(
+        "--venv", type=Path, help="virtualenv to (re)use (default: .fastapi-suite-venv[-VERSION])"
+    )
+    ap.add_argument(
+        "--workdir", type=Path, help="where to unpack and write results (default: a temp dir)"
+    )
+    ap.add_argument(
+        "--subset",
+        nargs="+",
+        metavar="PATH",
+        help="run only these paths, relative to the sdist root (e.g. tests/test_tutorial)",
+    )
+    ap.add_argument(
+        "-n",
+        "--workers",
+        default="auto",
+        help="pytest-xdist workers: 'auto', a number, or 0 for serial (default: auto)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=int,
+        help="per-test timeout in seconds (pytest-timeout; default: the suite's)",
+    )
     ap.add_argument("--only", choices=("both", "plain", "fastprof"), default="both")
     ap.add_argument("--report", type=Path, help="write the JSON report here too")
-    ap.add_argument("--allow", type=Path,
-                    help="file of test ids (one a line, '#' comments) known to differ for harness reasons")
+    ap.add_argument(
+        "--allow",
+        type=Path,
+        help="file of test ids (one a line, '#' comments) known to differ for harness reasons",
+    )
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args()
 
@@ -272,8 +330,11 @@ def main() -> int:
     log(f"{len(reqs)} test requirements from {where}")
     failed_reqs = make_venv(venv, version, src, reqs)
     py = venv / "bin" / "python"
-    got = run([str(py), "-c", "import fastapi, fastprof; print(fastapi.__version__, fastprof.__file__)"],
-              cwd=src, capture_output=True)
+    got = run(
+        [str(py), "-c", "import fastapi, fastprof; print(fastapi.__version__, fastprof.__file__)"],
+        cwd=src,
+        capture_output=True,
+    )
     log(f"virtualenv: fastapi, fastprof = {got.stdout.strip() or got.stderr.strip()}")
 
     extra: list[str] = []
@@ -301,7 +362,9 @@ def main() -> int:
         if args.only not in ("both", name):
             continue
         junit = workdir / f"junit-{name}.xml"
-        codes[name], times[name], _ = run_pytest(py, src, paths, junit, extra, with_fp, stats_prefix)
+        codes[name], times[name], _ = run_pytest(
+            py, src, paths, junit, extra, with_fp, stats_prefix
+        )
         results[name] = parse_junit(junit)
         if codes[name] not in (0, 1):
             log(f"pytest ({name}) exited {codes[name]}: see {junit.with_suffix('.log')}")
@@ -339,9 +402,14 @@ def main() -> int:
                 continue
             o2, msg = fp.get(tid, ("missing", "not run with fastprof"))
             if o2 not in ("passed",):
-                regressions.append({"test": tid, "outcome": o2, "message": msg[:300],
-                                    "allowed": str(tid in allow)})
-        fixed = [t for t, (o, _) in fp.items() if o == "passed" and plain.get(t, ("",))[0] not in ("passed",)]
+                regressions.append(
+                    {"test": tid, "outcome": o2, "message": msg[:300], "allowed": str(tid in allow)}
+                )
+        fixed = [
+            t
+            for t, (o, _) in fp.items()
+            if o == "passed" and plain.get(t, ("",))[0] not in ("passed",)
+        ]
         report["passed_only_with_fastprof"] = fixed
         report["regressions"] = regressions
         report["fastprof_stats"] = merge_stats(stats_prefix)
@@ -359,14 +427,18 @@ def main() -> int:
         print(f"test requirements not installed: {', '.join(failed_reqs)}")
     for name in results:
         r = report[name]
-        print(f"  {name:9s}: {r['total']} tests, {r['passed']} passed, {r['failed']} failed, "  # type: ignore[index]
-              f"{r['error']} errors, {r['skipped']} skipped in {times[name]:.0f}s")  # type: ignore[index]
+        print(
+            f"  {name:9s}: {r['total']} tests, {r['passed']} passed, {r['failed']} failed, "  # type: ignore[index]
+            f"{r['error']} errors, {r['skipped']} skipped in {times[name]:.0f}s"
+        )  # type: ignore[index]
     if "fastprof_stats" in report:
         print(f"  fastprof : {json.dumps(report['fastprof_stats'])}")
     if "regressions" in report:
         unexpected = [r for r in regressions if r["allowed"] != "True"]
-        print(f"  pass without fastprof, not with it: {len(regressions)} "
-              f"({len(regressions) - len(unexpected)} allowed as harness artefacts)")
+        print(
+            f"  pass without fastprof, not with it: {len(regressions)} "
+            f"({len(regressions) - len(unexpected)} allowed as harness artefacts)"
+        )
         for r in regressions:
             tag = "  [allowed]" if r["allowed"] == "True" else ""
             msg = re.sub(r"\s+", " ", r["message"])[:160]
