@@ -68,6 +68,10 @@ stats: dict[str, Any] = {
     "not_instrumented_errors": {},
 }
 
+# FASTPROF_SUITE_DEPENDENCIES=off|marked|all (default all): to tell dependency-span
+# effects apart from server-span ones when a test differs.
+_DEPENDENCIES: Any = os.environ.get("FASTPROF_SUITE_DEPENDENCIES", "all")
+
 _original_init = fastapi.FastAPI.__init__
 
 
@@ -78,7 +82,7 @@ def _instrumenting_init(self: fastapi.FastAPI, *args: Any, **kwargs: Any) -> Non
     # calling super().__init__() reaches here first, then finishes its own).
     stats["apps_created"] += 1
     try:
-        fastprof.instrument(self, tracer_provider=_provider)
+        fastprof.instrument(self, tracer_provider=_provider, dependencies=_DEPENDENCIES)
     except Exception as exc:  # e.g. "Cannot add middleware after an application has started"
         stats["apps_not_instrumented"] += 1
         key = f"{type(exc).__name__}: {exc}"[:200]
@@ -96,13 +100,43 @@ fastapi.FastAPI.__init__ = _instrumenting_init  # type: ignore[method-assign]
 def _summary() -> dict[str, Any]:
     return {
         **stats,
+        "not_instrumented_errors": dict(stats["not_instrumented_errors"]),
         "requests_traced": _processor.server_spans,
         "other_spans": _processor.other_spans,
     }
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+def _worker_files() -> list[str]:
+    path = os.environ.get("FASTPROF_SUITE_STATS")
+    if not path:
+        return []
+    folder, prefix = os.path.split(path)
+    return [
+        os.path.join(folder, name)
+        for name in os.listdir(folder or ".")
+        if name.startswith(prefix + ".gw") and name.endswith(".json")
+    ]
+
+
+def _totals() -> dict[str, Any]:
+    """This process's numbers, or under xdist (the controller) the workers' sum."""
     s = _summary()
+    if s["apps_created"] or os.environ.get("PYTEST_XDIST_WORKER"):
+        return s
+    for file in _worker_files():
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+        for key, value in data.items():
+            if isinstance(value, int):
+                s[key] += value
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    s[key][k] = s[key].get(k, 0) + v
+    return s
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    s = _totals()
     terminalreporter.write_sep("=", "fastprof instrumentation")
     terminalreporter.write_line(
         f"apps instrumented: {s['apps_instrumented']} (not instrumentable: "

@@ -226,6 +226,8 @@ def run_pytest(
         cmd += ["-p", "_fastapi_suite_plugin"]
         env["PYTHONPATH"] = str(SCRIPTS)
         env["FASTPROF_SUITE_STATS"] = str(stats_prefix)
+        for old in stats_prefix.parent.glob(stats_prefix.name + ".*.json"):
+            old.unlink()
     cmd += paths
     label = "with fastprof" if with_fastprof else "plain"
     log(f"running ({label}): {' '.join(cmd[3:])}")
@@ -309,6 +311,7 @@ def main() -> int:
     ap.add_argument(
         "--allow",
         type=Path,
+        default=SCRIPTS / "fastapi_suite_artefacts.txt",
         help="file of test ids (one a line, '#' comments) known to differ for harness reasons",
     )
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
