@@ -37,9 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent
 
-# Requirements that cannot help the suite run here (dev tooling with no tests
-# depending on them) are still attempted; only those that fail are skipped.
-_ALWAYS = ["pytest-timeout"]
+# Harness tools added to FastAPI's own test requirements (older FastAPI versions
+# do not list them): a per-test timeout and, if it works, parallel runs.
+_ALWAYS = ["pytest-timeout", "pytest-xdist"]
 
 
 def log(msg: str) -> None:
@@ -143,7 +143,8 @@ def make_venv(venv: Path, version: str, src: Path, reqs: list[str]) -> list[str]
     """Create/refresh the virtualenv; return the requirements that failed to install."""
     py = venv / "bin" / "python"
     stamp = venv / ".fastapi-suite-stamp"
-    want = json.dumps({"fastapi": version, "reqs": reqs})
+    all_reqs = reqs + [r for r in _ALWAYS if not any(r in x for x in reqs)]
+    want = json.dumps({"fastapi": version, "reqs": all_reqs})
     if py.exists() and stamp.exists():
         saved = json.loads(stamp.read_text())
         if saved.get("want") == want:
@@ -165,7 +166,6 @@ def make_venv(venv: Path, version: str, src: Path, reqs: list[str]) -> list[str]
         res = run(pip + ["-c", str(constraints), f"fastapi=={version}", "-e", str(ROOT)])
         if res.returncode != 0:
             sys.exit("could not install fastapi and fastprof into the virtualenv")
-    all_reqs = reqs + [r for r in _ALWAYS if not any(r in x for x in reqs)]
     log(f"installing {len(all_reqs)} test requirements")
     failed: list[str] = []
     res = run(pip + ["-c", str(constraints)] + all_reqs, capture_output=True)
@@ -180,7 +180,8 @@ def make_venv(venv: Path, version: str, src: Path, reqs: list[str]) -> list[str]
     return failed
 
 
-def xdist_works(py: Path, src: Path, workers: str) -> bool:
+def xdist_works(py: Path, src: Path, workers: str, extra: list[str]) -> bool:
+    """Does one small test file pass under ``-n workers`` (with the same options)?"""
     probe = run(
         [
             str(py),
@@ -191,6 +192,7 @@ def xdist_works(py: Path, src: Path, workers: str) -> bool:
             "-q",
             "-n",
             workers,
+            *extra,
             "tests/test_default_response_class.py",
         ],
         cwd=src,
@@ -314,6 +316,12 @@ def main() -> int:
         default=SCRIPTS / "fastapi_suite_artefacts.txt",
         help="file of test ids (one a line, '#' comments) known to differ for harness reasons",
     )
+    ap.add_argument(
+        "--ignore-deprecations",
+        action="store_true",
+        help="turn off the suite's filterwarnings=error for DeprecationWarning in both runs "
+        "(an old FastAPI's suite against today's anyio/starlette fails collection otherwise)",
+    )
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args()
 
@@ -346,9 +354,11 @@ def main() -> int:
     has_timeout = run([str(py), "-c", "import pytest_timeout"], capture_output=True).returncode == 0
     if not has_timeout:
         log("pytest-timeout is not installed: no per-test timeout")
+    if args.ignore_deprecations:
+        extra += ["-W", "ignore::DeprecationWarning", "-W", "ignore::PendingDeprecationWarning"]
     workers = str(args.workers)
     has_xdist = run([str(py), "-c", "import xdist"], capture_output=True).returncode == 0
-    if workers != "0" and has_xdist and xdist_works(py, src, workers):
+    if workers != "0" and has_xdist and xdist_works(py, src, workers, extra):
         extra += ["-n", workers]
         log(f"using pytest-xdist -n {workers}")
     else:
