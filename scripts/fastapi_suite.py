@@ -139,12 +139,12 @@ def _extra_for(src: Path) -> str:
     return "[all]" if "all" in extras else ""
 
 
-def make_venv(venv: Path, version: str, src: Path, reqs: list[str]) -> list[str]:
+def make_venv(venv: Path, version: str, src: Path, reqs: list[str], pins: list[str]) -> list[str]:
     """Create/refresh the virtualenv; return the requirements that failed to install."""
     py = venv / "bin" / "python"
     stamp = venv / ".fastapi-suite-stamp"
     all_reqs = reqs + [r for r in _ALWAYS if not any(r in x for x in reqs)]
-    want = json.dumps({"fastapi": version, "reqs": all_reqs})
+    want = json.dumps({"fastapi": version, "reqs": all_reqs, "pins": pins})
     if py.exists() and stamp.exists():
         saved = json.loads(stamp.read_text())
         if saved.get("want") == want:
@@ -157,7 +157,7 @@ def make_venv(venv: Path, version: str, src: Path, reqs: list[str]) -> list[str]
             sys.exit("python -m venv failed")
     pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     constraints = venv / "constraints.txt"
-    constraints.write_text(f"fastapi=={version}\n")
+    constraints.write_text("".join(f"{c}\n" for c in [f"fastapi=={version}", *pins]))
     base = [f"fastapi{_extra_for(src)}=={version}", "-e", str(ROOT)]
     log(f"installing {' '.join(base)}")
     res = run(pip + ["-c", str(constraints)] + base)
@@ -317,6 +317,14 @@ def main() -> int:
         help="file of test ids (one a line, '#' comments) known to differ for harness reasons",
     )
     ap.add_argument(
+        "--constraint",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="extra pip constraint for the virtualenv, repeatable (e.g. 'bcrypt<4.1' for the "
+        "passlib-based tutorials of an old FastAPI)",
+    )
+    ap.add_argument(
         "--ignore-deprecations",
         action="store_true",
         help="turn off the suite's filterwarnings=error for DeprecationWarning in both runs "
@@ -339,7 +347,7 @@ def main() -> int:
     src = download_sdist(version, src_parent)
     reqs, where = test_requirements(src)
     log(f"{len(reqs)} test requirements from {where}")
-    failed_reqs = make_venv(venv, version, src, reqs)
+    failed_reqs = make_venv(venv, version, src, reqs, args.constraint)
     py = venv / "bin" / "python"
     got = run(
         [str(py), "-c", "import fastapi, fastprof; print(fastapi.__version__, fastprof.__file__)"],
