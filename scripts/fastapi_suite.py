@@ -180,6 +180,12 @@ def make_venv(venv: Path, version: str, src: Path, reqs: list[str], pins: list[s
     return failed
 
 
+def _suite_sets_timeout(src: Path) -> bool:
+    tool = tomllib.loads((src / "pyproject.toml").read_text()).get("tool", {})
+    pytest_cfg = tool.get("pytest", {})
+    return "timeout" in pytest_cfg or "timeout" in pytest_cfg.get("ini_options", {})
+
+
 def xdist_works(py: Path, src: Path, workers: str, extra: list[str]) -> bool:
     """Does one small test file pass under ``-n workers`` (with the same options)?"""
     probe = run(
@@ -360,6 +366,8 @@ def main() -> int:
     if args.timeout:
         extra += ["-o", f"timeout={args.timeout}"]
     has_timeout = run([str(py), "-c", "import pytest_timeout"], capture_output=True).returncode == 0
+    if has_timeout and not args.timeout and not _suite_sets_timeout(src):
+        extra += ["-o", "timeout=60"]  # older suites set none: never hang
     if not has_timeout:
         log("pytest-timeout is not installed: no per-test timeout")
     if args.ignore_deprecations:
