@@ -362,21 +362,26 @@ def _mirror_of(dependant: Any, marked_only: bool, root: bool) -> Any:
 
 
 class _OverridesView:
-    """``app.dependency_overrides`` as seen through fastprof's wrappers."""
+    """``app.dependency_overrides`` as seen through fastprof's wrappers.
 
-    __slots__ = ("_marked_only", "_overrides")
+    Read live from the provider on every lookup, as FastAPI does: a dependency
+    may install (or replace) an override for the ones solved after it.
+    """
 
-    def __init__(self, overrides: Any, marked_only: bool) -> None:
-        self._overrides = overrides
+    __slots__ = ("_marked_only", "_provider")
+
+    def __init__(self, provider: Any, marked_only: bool) -> None:
+        self._provider = provider
         self._marked_only = marked_only
 
     def __bool__(self) -> bool:
-        return bool(self._overrides)
+        return bool(self._provider.dependency_overrides)
 
     def get(self, key: Any, default: Any = None) -> Any:
+        overrides = self._provider.dependency_overrides
         original = _original_of(key)
-        if original in self._overrides:
-            override = self._overrides[original]
+        if original in overrides:
+            override = overrides[original]
             if self._marked_only and not (is_marked(original) or is_marked(override)):
                 return override
             return _wrapper_for(override)
@@ -387,7 +392,7 @@ class _OverridesProvider:
     __slots__ = ("dependency_overrides",)
 
     def __init__(self, provider: Any, marked_only: bool) -> None:
-        self.dependency_overrides = _OverridesView(provider.dependency_overrides, marked_only)
+        self.dependency_overrides = _OverridesView(provider, marked_only)
 
 
 # --------------------------------------------------------------------------- per-request data
@@ -613,10 +618,11 @@ def _enter_solve(
             )
             node.ctx = trace.set_span_in_context(node.span, ctx)
         provider = kwargs.get("dependency_overrides_provider")
+        # Even when it is empty now: FastAPI reads it again for every sub-dependency.
         if (
             provider is not None
             and not isinstance(provider, _OverridesProvider)
-            and getattr(provider, "dependency_overrides", None)
+            and getattr(provider, "dependency_overrides", None) is not None
         ):
             kwargs["dependency_overrides_provider"] = _OverridesProvider(
                 provider, tracker.marked_only

@@ -7,8 +7,9 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
+from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -245,7 +246,9 @@ class _Request:
             parent = extract_context(headers)
             span_method = self._span_method = _SPAN_METHODS.get(method, "HTTP")
             span = mw._tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
-            ctx = trace.set_span_in_context(span, parent)
+            # The span's parent is never ambient (FM-05), but the app keeps every
+            # other value of its context (baggage, FastAPI's telemetry data, ...).
+            ctx = trace.set_span_in_context(span, _with_ambient(parent))
         else:
             self._span_method = ""
             ctx = None
@@ -491,6 +494,23 @@ def _qualname(exc: BaseException) -> str:
     return (
         cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     )
+
+
+def _with_ambient(extracted: Context) -> Context:
+    """The ambient context with what was extracted from the headers added."""
+    ambient = otel_context.get_current()
+    if not extracted:
+        return ambient
+    if not ambient:
+        return extracted
+    merged = Context({**ambient, **extracted})
+    outer = baggage.get_all(ambient)
+    if outer:
+        # Header entries are added to (not replacing) the ambient baggage, as
+        # propagate.extract() onto the current context would do.
+        for name, value in {**outer, **baggage.get_all(extracted)}.items():
+            merged = baggage.set_baggage(name, value, merged)
+    return merged
 
 
 def _foreign_server_span(scope: Scope) -> trace.Span | None:
