@@ -120,3 +120,22 @@ def test_setup_tracing_needs_an_exporter() -> None:
         setup_tracing("svc", set_global=False)
     with pytest.raises(ValueError, match="service_name"):
         setup_tracing("", console=True, set_global=False)
+
+
+def test_console_printer_prints_spans_that_end_after_their_trace() -> None:
+    """A yield dependency's teardown can end after the request span: it is still shown."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    out = io.StringIO()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(SpanTreePrinter(out)))
+    tracer = provider.get_tracer("t")
+    root = tracer.start_span("GET /x")
+    late = tracer.start_span("teardown get_db", context=trace.set_span_in_context(root))
+    root.end()
+    late.end()
+    text = out.getvalue()
+    assert text.startswith("GET /x  ")
+    assert "(ended after the request span) teardown get_db  " in text

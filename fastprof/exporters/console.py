@@ -47,25 +47,37 @@ class SpanTreePrinter(SpanExporter):
     def __init__(self, stream: TextIO | None = None, *, max_pending_traces: int = 256) -> None:
         self._stream = stream
         self._pending: OrderedDict[int, list[ReadableSpan]] = OrderedDict()
+        # Traces already printed: spans that end later (a yield dependency's teardown
+        # after the response was sent) are printed as late lines of their trace.
+        self._printed: OrderedDict[int, None] = OrderedDict()
         self._max_pending = max_pending_traces
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         ready: list[list[ReadableSpan]] = []
+        late: list[ReadableSpan] = []
         with self._lock:
             for span in spans:
                 if span.context is None:
                     continue
                 trace_id = span.context.trace_id
+                if trace_id in self._printed:
+                    late.append(span)
+                    continue
                 self._pending.setdefault(trace_id, []).append(span)
                 if span.parent is None or span.parent.is_remote:
                     ready.append(self._pending.pop(trace_id))
+                    self._printed[trace_id] = None
+                    while len(self._printed) > self._max_pending:
+                        self._printed.popitem(last=False)
             while len(self._pending) > self._max_pending:
                 ready.append(self._pending.popitem(last=False)[1])
         stream = self._stream or sys.stdout
         for group in ready:
             stream.write(format_trace(group))
-            stream.flush()
+        for span in late:
+            stream.write("  (ended after the request span) " + format_trace([span]).lstrip())
+        stream.flush()
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
