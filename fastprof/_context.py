@@ -12,7 +12,7 @@ Everything stored here is bounded: timings are kept up to
 
 from __future__ import annotations
 
-import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["MAX_TIMINGS", "SCOPE_KEY", "RequestState", "Timing", "current_request"]
 
 SCOPE_KEY = "fastprof.request"
+_random_bits = random.getrandbits
 MAX_TIMINGS = 64
 
 
@@ -84,7 +85,8 @@ class RequestState:
         (generated on first use, so requests nobody asks about don't pay for it)."""
         request_id = self._request_id
         if request_id is None:
-            request_id = self._request_id = os.urandom(8).hex()
+            # Not a secret: the same non-cryptographic generator as OTel's span ids.
+            request_id = self._request_id = f"{_random_bits(64):016x}"
         return request_id
 
     @property

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal, TypeVar
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, Literal, TypeVar
 
 from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
 
+from fastprof import _internal_errors
 from fastprof._http import QueryPolicy
-from fastprof.loop_monitor import LoopMonitor, LoopMonitorLifespan
+from fastprof.loop_monitor import LoopMonitor
 from fastprof.middleware import ExcludeOption, FastprofMiddleware, RequestHooks
 from fastprof.profiling import Profiling
 from fastprof.slow_requests import SlowRequestLog
@@ -19,6 +21,28 @@ __all__ = ["instrument"]
 AppT = TypeVar("AppT", bound=Starlette)
 
 _MARKER = "_fastprof_instrumented"
+
+
+def _run_during_lifespan(app: Starlette, monitor: LoopMonitor) -> None:
+    """Wrap the app's lifespan so ``monitor`` runs from startup to shutdown."""
+    original = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(inner: Any) -> AsyncIterator[Any]:
+        try:
+            monitor.start()
+        except Exception as exc:
+            _internal_errors.report("loop.start", exc)
+        try:
+            async with original(inner) as state:
+                yield state
+        finally:
+            try:
+                monitor.stop()
+            except Exception as exc:  # pragma: no cover - defensive
+                _internal_errors.report("loop.stop", exc)
+
+    app.router.lifespan_context = lifespan
 
 
 def _is_fastapi(app: Starlette) -> bool:
@@ -116,7 +140,8 @@ def instrument(
     FastprofMiddleware(app, **options)  # type: ignore[arg-type]
     app.add_middleware(FastprofMiddleware, **options)  # type: ignore[arg-type]
     if loop_monitor is not None:
-        # Starts the monitor at lifespan startup (else the first request starts it).
-        app.add_middleware(LoopMonitorLifespan, monitor=loop_monitor)
+        # Start the monitor at lifespan startup (else the first request starts it),
+        # without an extra middleware layer on every request.
+        _run_during_lifespan(app, loop_monitor)
     setattr(app, _MARKER, True)
     return app

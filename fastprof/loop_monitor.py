@@ -84,10 +84,14 @@ class _Entry:
     def __init__(self, state: RequestState, scope: Scope | None) -> None:
         self.state = state
         self.scope = scope
-        self.entry_path = scope.get("path", "") if scope is not None else ""
-        self.entry_root_path = scope.get("root_path", "") if scope is not None else ""
-        self.entry_app = scope.get("app") if scope is not None else None
         self.events = 0
+        if scope is None:
+            self.entry_path = self.entry_root_path = ""
+            self.entry_app = None
+        else:  # routing mutates the scope: keep what the route resolution starts from
+            self.entry_path = scope.get("path", "")
+            self.entry_root_path = scope.get("root_path", "")
+            self.entry_app = scope.get("app")
 
     def route(self) -> str | None:
         state = self.state
@@ -274,7 +278,7 @@ class LoopMonitor(RequestHooks):
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._ensure_started(loop)
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)
         if task is not None:
             if state.task is None:
                 state.task = task
