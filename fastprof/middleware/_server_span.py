@@ -239,7 +239,8 @@ class _Request:
         self.entry_root_path = scope.get("root_path", "")
         self.entry_app = scope.get("app")
 
-        span = _foreign_server_span(scope)
+        ambient = otel_context.get_current()
+        span = _foreign_server_span(scope, ambient)
         self._owned = span is None
         self._ttfb_s = -1.0
         if span is None:
@@ -248,7 +249,7 @@ class _Request:
             span = mw._tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
             # The span's parent is never ambient (FM-05), but the app keeps every
             # other value of its context (baggage, FastAPI's telemetry data, ...).
-            ctx = trace.set_span_in_context(span, _with_ambient(parent))
+            ctx = trace.set_span_in_context(span, _with_ambient(parent, ambient))
         else:
             self._span_method = ""
             ctx = None
@@ -496,9 +497,8 @@ def _qualname(exc: BaseException) -> str:
     )
 
 
-def _with_ambient(extracted: Context) -> Context:
+def _with_ambient(extracted: Context, ambient: Context) -> Context:
     """The ambient context with what was extracted from the headers added."""
-    ambient = otel_context.get_current()
     if not extracted:
         return ambient
     if not ambient:
@@ -513,7 +513,7 @@ def _with_ambient(extracted: Context) -> Context:
     return merged
 
 
-def _foreign_server_span(scope: Scope) -> trace.Span | None:
+def _foreign_server_span(scope: Scope, ambient: Context) -> trace.Span | None:
     """The SERVER span another layer opened for this request, if any.
 
     FastAPI's native telemetry publishes its request in ``scope["fastapi.telemetry"]``;
@@ -525,7 +525,9 @@ def _foreign_server_span(scope: Scope) -> trace.Span | None:
     native_span = getattr(native, "span", None)
     if native_span is not None:
         return native_span  # type: ignore[no-any-return]
-    current = trace.get_current_span()
+    if not ambient:
+        return None  # the usual case: the server starts each request in an empty context
+    current = trace.get_current_span(ambient)
     if current.is_recording():
         if getattr(current, "kind", None) == SpanKind.SERVER:
             scope_info = getattr(current, "instrumentation_scope", None)
