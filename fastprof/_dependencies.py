@@ -50,8 +50,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
 from fastprof import _internal_errors
-from fastprof.__about__ import __version__
 from fastprof._context import RequestState, Timing
+from fastprof._options import check_int
+from fastprof._otel import error_type, fastprof_tracer
 from fastprof.middleware import RequestHooks
 
 __all__ = ["DEFAULT_MAX_SPANS", "DependencySpans"]
@@ -63,7 +64,6 @@ _MAX_NAME: Final = 256
 _MAX_MIRRORS: Final = 4096
 _MAX_UNWEAKABLE: Final = 4096
 _EXTRA_KEY: Final = "fastprof.dependencies"
-_TRACER_NAME: Final = "fastprof"
 _STOP: Final = object()
 _DEPENDENCIES_PHASE: Final = {"fastprof.phase": "dependencies"}
 _SERIALIZATION_PHASE: Final = {"fastprof.phase": "serialization"}
@@ -889,11 +889,7 @@ def _record_error(span: Span, error: BaseException) -> None:
     if isinstance(error, HTTPException):
         span.set_attribute("http.response.status_code", error.status_code)
         return
-    cls = type(error)
-    error_type = (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
-    span.set_attribute("error.type", error_type)
+    span.set_attribute("error.type", error_type(error))
     if isinstance(error, Exception):
         span.record_exception(error, escaped=True)
         span.set_status(Status(StatusCode.ERROR))
@@ -1123,22 +1119,8 @@ class DependencySpans(RequestHooks):
         mode: str = "all",
         timings_when_unsampled: bool = False,
     ) -> None:
-        if tracer_provider is not None and not hasattr(tracer_provider, "get_tracer"):
-            raise ValueError(
-                "tracer_provider: expected an opentelemetry TracerProvider, "
-                f"got {type(tracer_provider).__name__}"
-            )
-        if (
-            isinstance(max_spans, bool)
-            or not isinstance(max_spans, int)
-            or not (0 <= max_spans <= 10_000)
-        ):
-            raise ValueError(f"max_spans: expected an int between 0 and 10000, got {max_spans!r}")
-        self._tracer = (
-            tracer_provider.get_tracer(_TRACER_NAME, __version__)
-            if tracer_provider is not None
-            else trace.get_tracer(_TRACER_NAME, __version__)
-        )
+        self._tracer = fastprof_tracer(tracer_provider)
+        check_int("max_spans", max_spans, 0, 10_000)
         if mode not in ("all", "marked"):
             raise ValueError(f"mode: expected 'all' or 'marked', got {mode!r}")
         self._max_spans = max_spans

@@ -11,6 +11,7 @@ from starlette.applications import Starlette
 
 from fastprof import _internal_errors
 from fastprof._http import QueryPolicy
+from fastprof._options import check_int
 from fastprof.loop_monitor import LoopMonitor
 from fastprof.middleware import ExcludeOption, FastprofMiddleware, RequestHooks
 from fastprof.profiling import Profiling
@@ -82,15 +83,7 @@ def instrument(
     """
     if dependencies not in ("all", "marked", "off"):
         raise ValueError(f"dependencies: expected 'all', 'marked' or 'off', got {dependencies!r}")
-    if (
-        isinstance(max_dependency_spans, bool)
-        or not isinstance(max_dependency_spans, int)
-        or not 0 <= max_dependency_spans <= 10_000
-    ):
-        raise ValueError(
-            "max_dependency_spans: expected an int between 0 and 10000, "
-            f"got {max_dependency_spans!r}"
-        )
+    check_int("max_dependency_spans", max_dependency_spans, 0, 10_000)
     if not isinstance(app, Starlette):
         raise ValueError(
             "instrument() takes a Starlette or FastAPI application; for any other ASGI app "

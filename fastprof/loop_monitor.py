@@ -44,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fastprof import _internal_errors
 from fastprof._context import RequestState, current_request
 from fastprof._frames import is_library
+from fastprof._options import check_int, check_seconds
 from fastprof._routes import resolve_route
 from fastprof._watchdog import Block, Frame, LoopWatchdog, Sample
 from fastprof.metrics import LoopMetrics, ThreadpoolSnapshot
@@ -167,36 +168,24 @@ class LoopMonitor(RequestHooks):
         saturation_log_interval_s: float = 60.0,
         meter_provider: MeterProvider | None = None,
     ) -> None:
-        def positive(name: str, value: object, low: float, high: float) -> float:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name}: expected a number of seconds, got {value!r}")
-            if not low <= value <= high:
-                raise ValueError(f"{name}: expected between {low} and {high} seconds, got {value}")
-            return float(value)
-
-        def count(name: str, value: object, low: int, high: int) -> int:
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name}: expected an int between {low} and {high}, got {value!r}")
-            return value
-
-        self.threshold_s = positive("threshold_s", threshold_s, 0.001, 600.0)
+        self.threshold_s = check_seconds("threshold_s", threshold_s, 0.001, 600.0)
         self.interval_s = (
             min(max(self.threshold_s / 2, 0.005), 0.5)
             if interval_s is None
-            else positive("interval_s", interval_s, 0.001, 60.0)
+            else check_seconds("interval_s", interval_s, 0.001, 60.0)
         )
         self.sample_interval_s = (
             min(max(self.threshold_s / 5, 0.001), 0.05)
             if sample_interval_s is None
-            else positive("sample_interval_s", sample_interval_s, 0.0005, 60.0)
+            else check_seconds("sample_interval_s", sample_interval_s, 0.0005, 60.0)
         )
-        self.max_samples = count("max_samples", max_samples, 1, 10_000)
-        self.max_stack_depth = count("max_stack_depth", max_stack_depth, 1, 1000)
-        self.max_stack_chars = count("max_stack_chars", max_stack_chars, 64, 1_000_000)
-        count("max_reports_per_minute", max_reports_per_minute, 0, 100_000)
+        self.max_samples = check_int("max_samples", max_samples, 1, 10_000)
+        self.max_stack_depth = check_int("max_stack_depth", max_stack_depth, 1, 1000)
+        self.max_stack_chars = check_int("max_stack_chars", max_stack_chars, 64, 1_000_000)
+        check_int("max_reports_per_minute", max_reports_per_minute, 0, 100_000)
         if not isinstance(threadpool, bool):
             raise ValueError(f"threadpool: expected a bool, got {threadpool!r}")
-        self.saturation_log_interval_s = positive(
+        self.saturation_log_interval_s = check_seconds(
             "saturation_log_interval_s", saturation_log_interval_s, 0.0, 86_400.0
         )
         if meter_provider is not None and not hasattr(meter_provider, "get_meter"):

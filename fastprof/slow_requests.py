@@ -35,6 +35,7 @@ from typing import Any, Final, Literal
 import structlog
 
 from fastprof._context import RequestState, Timing
+from fastprof._options import check_int, check_seconds
 from fastprof.middleware import RequestHooks
 
 __all__ = ["SlowRequestLog"]
@@ -69,16 +70,8 @@ class SlowRequestLog(RequestHooks):
         level: LogLevel = "warning",
         event: str = "slow request",
     ) -> None:
-        if (
-            isinstance(threshold_s, bool)
-            or not isinstance(threshold_s, int | float)
-            or not 0 <= threshold_s <= 86_400
-        ):
-            raise ValueError(
-                f"threshold_s: expected seconds between 0 and 86400, got {threshold_s!r}"
-            )
-        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 64:
-            raise ValueError(f"top: expected an int between 0 and 64, got {top!r}")
+        threshold_s = check_seconds("threshold_s", threshold_s, 0, 86_400)
+        check_int("top", top, 0, 64)
         if level not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError(f"level: expected a structlog level name, got {level!r}")
         if not isinstance(event, str) or not event:

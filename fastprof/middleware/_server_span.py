@@ -14,7 +14,6 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastprof import _internal_errors
-from fastprof.__about__ import __version__
 from fastprof._context import SCOPE_KEY, RequestState, current_request
 from fastprof._http import (
     KNOWN_METHODS,
@@ -27,13 +26,14 @@ from fastprof._http import (
     truncate,
     valid_request_id,
 )
+from fastprof._options import check_header_name, check_int
+from fastprof._otel import TRACER_NAME, error_type, fastprof_tracer
 from fastprof._routes import resolve_route
 
 __all__ = ["ExcludeOption", "FastprofMiddleware", "RequestHooks"]
 
 ExcludeOption = Iterable[str] | str | re.Pattern[str] | Callable[[Scope], bool] | None
 
-TRACER_NAME: Final = "fastprof"
 _QUERY_POLICIES: Final = ("redact_sensitive", "redact_all", "omit")
 
 
@@ -133,35 +133,20 @@ class FastprofMiddleware:
         max_attribute_length: int = 2048,
         hooks: Iterable[RequestHooks] = (),
     ) -> None:
-        if tracer_provider is not None and not hasattr(tracer_provider, "get_tracer"):
-            raise ValueError(
-                "tracer_provider: expected an opentelemetry TracerProvider, "
-                f"got {type(tracer_provider).__name__}"
-            )
+        tracer = fastprof_tracer(tracer_provider)
         if query not in _QUERY_POLICIES:
             raise ValueError(f"query: expected one of {_QUERY_POLICIES}, got {query!r}")
-        if not isinstance(max_attribute_length, int) or not 16 <= max_attribute_length <= 65536:
-            raise ValueError("max_attribute_length: expected an int between 16 and 65536")
-        for name, header in (
-            ("request_id_header", request_id_header),
-            ("response_request_id_header", response_request_id_header),
-        ):
-            if header is not None and (
-                not isinstance(header, str) or not re.fullmatch(r"[A-Za-z0-9\-]{1,64}", header)
-            ):
-                raise ValueError(
-                    f"{name}: expected a header name like 'X-Request-ID', got {header!r}"
-                )
+        check_int("max_attribute_length", max_attribute_length, 16, 65536)
+        if request_id_header is not None:
+            check_header_name("request_id_header", request_id_header)
+        if response_request_id_header is not None:
+            check_header_name("response_request_id_header", response_request_id_header)
         hooks = tuple(hooks)
         for hook in hooks:
             if not isinstance(hook, RequestHooks):
                 raise ValueError(f"hooks: {hook!r} is not a fastprof RequestHooks")
         self.app = app
-        self._tracer = (
-            tracer_provider.get_tracer(TRACER_NAME, __version__)
-            if tracer_provider is not None
-            else trace.get_tracer(TRACER_NAME, __version__)
-        )
+        self._tracer = tracer
         self._exclude = _compile_exclude(exclude)
         self._request_id_header = (
             request_id_header.lower().encode("latin-1") if request_id_header else None
@@ -455,19 +440,17 @@ class _Request:
             route = truncate(state.route, limit)
             attrs["http.route"] = route
             span.update_name(f"{self._span_method} {route}")
-        error_type: str | None = None
+        failure: str | None = None
         if error is not None:
+            failure = error_type(error)
             if isinstance(error, Exception):
-                error_type = _qualname(error)
                 span.record_exception(error, escaped=True)
-            else:
-                error_type = _qualname(error)
         elif status is not None and status >= 500:
-            error_type = str(status)
+            failure = str(status)
         elif not self._completed and not self._disconnected:
-            error_type = "incomplete_response"
-        if error_type is not None:
-            attrs["error.type"] = error_type
+            failure = "incomplete_response"
+        if failure is not None:
+            attrs["error.type"] = failure
             span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attrs)
 
@@ -488,13 +471,6 @@ def _resolve_route_safely(
 def _implementing(hooks: tuple[RequestHooks, ...], method: str) -> tuple[RequestHooks, ...]:
     base = getattr(RequestHooks, method)
     return tuple(h for h in hooks if getattr(type(h), method, base) is not base)
-
-
-def _qualname(exc: BaseException) -> str:
-    cls = type(exc)
-    return (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
 
 
 def _with_ambient(extracted: Context, ambient: Context) -> Context:

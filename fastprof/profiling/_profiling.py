@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import inspect
 import logging
-import math
 import os
 import random
 import re
@@ -19,6 +18,7 @@ from starlette.types import Message, Scope
 
 from fastprof import _internal_errors
 from fastprof._context import RequestState
+from fastprof._options import check_header_name, check_int, check_rate, check_seconds
 from fastprof._routes import resolve_route
 from fastprof.middleware import RequestHooks
 from fastprof.profiling import _documents
@@ -33,7 +33,6 @@ __all__ = ["Profiling"]
 logger = logging.getLogger("fastprof.profiling")
 
 _EXTRA_KEY: Final = "fastprof.profile"
-_HEADER_RE: Final = re.compile(r"[A-Za-z0-9\-]{1,64}")
 _QUERY_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 MAX_DURATION_CAP_S: Final = 300.0
 
@@ -102,14 +101,10 @@ class Profiling(RequestHooks):
         rng: Callable[[], float] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        if header is not None and (not isinstance(header, str) or not _HEADER_RE.fullmatch(header)):
-            raise ValueError(
-                f"header: expected a header name like 'X-Fastprof-Profile', got {header!r}"
-            )
-        if response_header is not None and (
-            not isinstance(response_header, str) or not _HEADER_RE.fullmatch(response_header)
-        ):
-            raise ValueError(f"response_header: expected a header name, got {response_header!r}")
+        if header is not None:
+            check_header_name("header", header)
+        if response_header is not None:
+            check_header_name("response_header", response_header)
         self._secrets: tuple[bytes, ...] = ()
         if secret is not None:
             self._secrets = normalize_secrets(secret, "secret")
@@ -119,30 +114,21 @@ class Profiling(RequestHooks):
             )
         if not isinstance(query_param, str) or not _QUERY_RE.fullmatch(query_param):
             raise ValueError("query_param: expected 1-64 characters of [A-Za-z0-9_-]")
-        if not isinstance(max_token_ttl_s, (int, float)) or not 1 <= max_token_ttl_s <= 7 * 86400:
-            raise ValueError("max_token_ttl_s: expected seconds between 1 and 604800")
-        if not isinstance(replay_cache_size, int) or not 1 <= replay_cache_size <= 10_000_000:
-            raise ValueError("replay_cache_size: expected an int between 1 and 10000000")
-        _check_rate("sample_rate", sample_rate)
+        check_seconds("max_token_ttl_s", max_token_ttl_s, 1, 7 * 86400)
+        check_int("replay_cache_size", replay_cache_size, 1, 10_000_000)
+        check_rate("sample_rate", sample_rate)
         rules: dict[str, float] = {}
         for route, rate in dict(sample_routes or {}).items():
             if not isinstance(route, str) or not route.startswith("/"):
                 raise ValueError(
                     f"sample_routes: keys are route templates starting with '/', got {route!r}"
                 )
-            _check_rate(f"sample_routes[{route!r}]", rate)
+            check_rate(f"sample_routes[{route!r}]", rate)
             rules[route] = float(rate)
-        if not isinstance(max_concurrent, int) or not 1 <= max_concurrent <= 64:
-            raise ValueError("max_concurrent: expected an int between 1 and 64")
-        if not isinstance(max_per_minute, int) or not 1 <= max_per_minute <= 10_000:
-            raise ValueError("max_per_minute: expected an int between 1 and 10000")
-        if not isinstance(interval_s, (int, float)) or not 0.0001 <= interval_s <= 1.0:
-            raise ValueError("interval_s: expected seconds between 0.0001 and 1")
-        if (
-            not isinstance(max_duration_s, (int, float))
-            or not 0 < max_duration_s <= MAX_DURATION_CAP_S
-        ):
-            raise ValueError(f"max_duration_s: expected seconds in (0, {MAX_DURATION_CAP_S:g}]")
+        check_int("max_concurrent", max_concurrent, 1, 64)
+        check_int("max_per_minute", max_per_minute, 1, 10_000)
+        check_seconds("interval_s", interval_s, 0.0001, 1.0)
+        check_seconds("max_duration_s", max_duration_s, 0.001, MAX_DURATION_CAP_S)
         if store is not None and not isinstance(store, ProfileStore):
             raise ValueError(
                 "store: expected a ProfileStore (put/get/list), e.g. fastprof.profiling.FileStore"
@@ -403,13 +389,3 @@ class Profiling(RequestHooks):
                 self._count("stored")
 
         return job
-
-
-def _check_rate(name: str, rate: object) -> None:
-    if (
-        isinstance(rate, bool)
-        or not isinstance(rate, (int, float))
-        or math.isnan(rate)
-        or not 0.0 <= rate <= 1.0
-    ):
-        raise ValueError(f"{name}: expected a rate between 0 and 1, got {rate!r}")
