@@ -52,6 +52,7 @@ class RequestState:
     # (no __slots__: per-request construction stays a handful of stores).
     _route: str | None = None
     _route_resolver: Callable[[], str | None] | None = None
+    _route_final: bool = False
     status_code: int | None = None
     dependency_spans: int = 0
     dependency_spans_dropped: int = 0
@@ -91,14 +92,19 @@ class RequestState:
 
     @property
     def route(self) -> str | None:
-        """The route template (``http.route``), known once the response completes.
+        """The route template (``http.route``), or ``None`` when no route matches.
 
         Resolved on first use, so requests nobody asks about don't pay for it.
+        Final (and cached) once the response completed; before that it is the
+        route the request matches (what the watchdog or a profile trigger needs).
         """
         resolver = self._route_resolver
-        if resolver is not None:
-            self._route_resolver = None
-            self._route = resolver()
+        if resolver is None:
+            return self._route
+        if not self._route_final:
+            return resolver()
+        self._route_resolver = None
+        self._route = resolver()
         return self._route
 
     @route.setter
@@ -107,8 +113,12 @@ class RequestState:
         self._route = value
 
     def resolve_route_with(self, resolver: Callable[[], str | None]) -> None:
-        """Set how to resolve :attr:`route` when it is first read."""
+        """Set how :attr:`route` is resolved (fastprof's middleware does, per request)."""
         self._route_resolver = resolver
+
+    def finalize_route(self) -> None:
+        """The response completed: the next read of :attr:`route` resolves and caches it."""
+        self._route_final = True
 
     def add_timing(self, timing: Timing) -> None:
         """Record a timing, bounded by :data:`MAX_TIMINGS`."""

@@ -45,7 +45,6 @@ from fastprof import _internal_errors
 from fastprof._context import RequestState, current_request
 from fastprof._frames import is_library
 from fastprof._options import check_int, check_seconds
-from fastprof._routes import resolve_route
 from fastprof._watchdog import Block, Frame, LoopWatchdog, Sample
 from fastprof.metrics import LoopMetrics, ThreadpoolSnapshot
 from fastprof.middleware import RequestHooks
@@ -80,27 +79,14 @@ def _format_stack(stack: tuple[Frame, ...], limit: int) -> str:
 class _Entry:
     """A request registered for its task."""
 
-    __slots__ = ("entry_app", "entry_path", "entry_root_path", "events", "scope", "state")
+    __slots__ = ("events", "state")
 
-    def __init__(self, state: RequestState, scope: Scope | None) -> None:
+    def __init__(self, state: RequestState) -> None:
         self.state = state
-        self.scope = scope
         self.events = 0
-        if scope is None:
-            self.entry_path = self.entry_root_path = ""
-            self.entry_app = None
-        else:  # routing mutates the scope: keep what the route resolution starts from
-            self.entry_path = scope.get("path", "")
-            self.entry_root_path = scope.get("root_path", "")
-            self.entry_app = scope.get("app")
 
     def route(self) -> str | None:
-        state = self.state
-        if state.route is None and self.scope is not None:
-            return resolve_route(
-                dict(self.scope), self.entry_app, self.entry_root_path, self.entry_path
-            )
-        return state.route
+        return self.state.route
 
 
 def _span_ids(state: RequestState) -> tuple[str | None, str | None]:
@@ -272,7 +258,7 @@ class LoopMonitor(RequestHooks):
             if state.task is None:
                 state.task = task
             if len(self._tasks) < _MAX_REGISTERED:
-                self._tasks[task] = _Entry(state, scope)
+                self._tasks[task] = _Entry(state)
         if self._threadpool and time.monotonic() - self._limiter_checked > _LIMITER_REFRESH_S:
             self._refresh_limiter()
 
@@ -307,7 +293,7 @@ class LoopMonitor(RequestHooks):
             if get_context is not None:
                 state = get_context().get(current_request)
                 if state is not None:
-                    entry = _Entry(state, None)
+                    entry = _Entry(state)
         if entry is None:
             return None, None
         return entry, entry.state.current_operation

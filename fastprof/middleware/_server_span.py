@@ -204,9 +204,6 @@ class _Request:
         "_state_token",
         "_trailers",
         "_ttfb_s",
-        "entry_app",
-        "entry_path",
-        "entry_root_path",
         "state",
     )
 
@@ -220,9 +217,7 @@ class _Request:
         self._response_started = False
         headers = scope.get("headers") or []
         method = scope.get("method", "GET")
-        self.entry_path = scope.get("path", "")
-        self.entry_root_path = scope.get("root_path", "")
-        self.entry_app = scope.get("app")
+        path = scope.get("path", "")
 
         ambient = otel_context.get_current()
         span = _foreign_server_span(scope, ambient)
@@ -242,7 +237,17 @@ class _Request:
         if mw._request_id_header is not None:
             request_id = valid_request_id(find_header(headers, mw._request_id_header))
         self.state = RequestState(
-            request_id=request_id, span=span, method=method, path=self.entry_path
+            request_id=request_id, span=span, method=method, path=path
+        )
+        # Routing mutates the scope: resolve from what it was on the way in.
+        self.state.resolve_route_with(
+            functools.partial(
+                _resolve_route_safely,
+                scope,
+                scope.get("app"),
+                scope.get("root_path", ""),
+                path,
+            )
         )
         recording = self._recording = span.is_recording()
         if recording:
@@ -391,15 +396,7 @@ class _Request:
         self._finished = True
         state = self.state
         try:
-            state.resolve_route_with(
-                functools.partial(
-                    _resolve_route_safely,
-                    scope,
-                    self.entry_app,
-                    self.entry_root_path,
-                    self.entry_path,
-                )
-            )
+            state.finalize_route()
             if self._recording:
                 self._annotate(state.span, error)
         except Exception as exc:

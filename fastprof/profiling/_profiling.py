@@ -11,7 +11,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, cast
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 from starlette.types import Message, Scope
@@ -19,7 +19,6 @@ from starlette.types import Message, Scope
 from fastprof import _internal_errors
 from fastprof._context import RequestState
 from fastprof._options import check_header_name, check_int, check_rate, check_seconds
-from fastprof._routes import resolve_route
 from fastprof.middleware import RequestHooks
 from fastprof.profiling import _documents
 from fastprof.profiling._budget import Budget
@@ -222,7 +221,7 @@ class Profiling(RequestHooks):
             name = self._header
             for key, value in scope.get("headers") or ():
                 if key == name:
-                    if self._token_allows(value, state, scope):
+                    if self._token_allows(value, state):
                         return "header"
                     break
         if self._query_key is not None:
@@ -230,7 +229,7 @@ class Profiling(RequestHooks):
             if self._query_probe in query:
                 for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
                     if key == self._query_key:
-                        if self._token_allows(value.encode("latin-1"), state, scope):
+                        if self._token_allows(value.encode("latin-1"), state):
                             return "query"
                         break
         if self._max_rate > 0:
@@ -238,33 +237,21 @@ class Profiling(RequestHooks):
             if draw < self._max_rate:
                 rate = self._sample_rate
                 if self._sample_routes:
-                    route = resolve_route(
-                        cast(dict[str, Any], scope),
-                        scope.get("app"),
-                        scope.get("root_path", ""),
-                        scope.get("path", ""),
-                    )
+                    route = state.route  # the route this request matches
                     if route is not None:
                         rate = self._sample_routes.get(route, rate)
                 if draw < rate:
                     return "sampling"
         return None
 
-    def _token_allows(self, raw: bytes, state: RequestState, scope: Scope) -> bool:
+    def _token_allows(self, raw: bytes, state: RequestState) -> bool:
         result = self._verifier.verify(raw)
         if isinstance(result, TokenClaims):
             reason = None
             if result.method is not None and result.method != state.method.upper():
                 reason = "wrong_method"
-            elif result.route is not None:
-                route = resolve_route(
-                    cast(dict[str, Any], scope),
-                    scope.get("app"),
-                    scope.get("root_path", ""),
-                    scope.get("path", ""),
-                )
-                if route != result.route:
-                    reason = "wrong_route"
+            elif result.route is not None and state.route != result.route:
+                reason = "wrong_route"
             if reason is None:
                 return True
         else:
