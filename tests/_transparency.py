@@ -117,12 +117,7 @@ async def drive_websocket(app: ASGIApp, path: str, inbound: Sequence[Message]) -
         if message["type"] == "websocket.close":
             closed.set()
 
-    try:
-        with anyio.fail_after(5):
-            await app(scope, receive, send)
-    except BaseException as exc:
-        rec.exception = (type(exc), str(exc))
-        rec.exception_object = exc
+    await _run(rec, app, scope, receive, send)
     return rec
 
 
@@ -145,13 +140,18 @@ async def drive_lifespan(app: ASGIApp) -> Recording:
             step.set()
 
     scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": state}
+    await _run(rec, app, scope, receive, send)
+    return rec
+
+
+async def _run(rec: Recording, app: ASGIApp, scope: Any, receive: Any, send: Any) -> None:
+    """Run the app (5 s at most), recording the exception that escapes it, if any."""
     try:
         with anyio.fail_after(5):
             await app(scope, receive, send)
-    except BaseException as exc:
+    except BaseException as exc:  # recorded, compared
         rec.exception = (type(exc), str(exc))
         rec.exception_object = exc
-    return rec
 
 
 Driver = Callable[[ASGIApp], Awaitable[Recording]]

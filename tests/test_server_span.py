@@ -451,13 +451,20 @@ async def test_unsampled_requests_record_nothing_but_propagate(spans: Spans) -> 
         seen.append(trace.get_current_span().get_span_context())
         return PlainTextResponse("ok")
 
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
     app = Starlette(routes=[Route("/", endpoint)])
     fastprof.instrument(app, tracer_provider=provider)
     await get(app, "/", headers={"traceparent": TRACEPARENT.replace("-01", "-00")})
     (ctx,) = seen
     assert format(ctx.trace_id, "032x") == TRACE_ID
+    assert format(ctx.span_id, "016x") != PARENT_ID  # a span of its own, not the caller's
     assert not ctx.trace_flags.sampled
+    assert exporter.get_finished_spans() == ()
 
 
 async def test_hooks_run_in_order_with_span_state(spans: Spans) -> None:
