@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from fastprof._http import find_header, valid_request_id
+
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
@@ -53,6 +55,8 @@ class RequestState:
     _route: str | None = None
     _route_resolver: Callable[[], str | None] | None = None
     _route_final: bool = False
+    _id_headers: Any = None
+    _id_header_name: bytes | None = None
     status_code: int | None = None
     dependency_spans: int = 0
     dependency_spans_dropped: int = 0
@@ -73,21 +77,37 @@ class RequestState:
     #: instead of ``fn()``, so the profile can cover the worker thread.
     worker_hook: Callable[[Callable[[], Any]], Any] | None = None
 
-    def __init__(self, *, request_id: str | None, span: Span, method: str, path: str) -> None:
+    def __init__(
+        self, *, request_id: str | None = None, span: Span, method: str, path: str
+    ) -> None:
         self._request_id = request_id
         self.span = span
         self.method = method
         self.path = path
         self.start_ns = time.perf_counter_ns()
 
+    def request_id_from(self, headers: Any, name: bytes) -> None:
+        """Take :attr:`request_id` from header ``name`` of the ASGI ``headers`` when
+        it is valid; read on first use of :attr:`request_id`."""
+        self._id_headers = headers
+        self._id_header_name = name
+
     @property
     def request_id(self) -> str:
-        """The request id: a validated incoming one, else 16 random hex characters
-        (generated on first use, so requests nobody asks about don't pay for it)."""
+        """The request id: a validated incoming one, else 16 random hex characters.
+
+        Read or generated on first use, so requests nobody asks about don't pay for it.
+        """
         request_id = self._request_id
         if request_id is None:
-            # Not a secret: the same non-cryptographic generator as OTel's span ids.
-            request_id = self._request_id = f"{_random_bits(64):016x}"
+            name = self._id_header_name
+            if name is not None:
+                request_id = valid_request_id(find_header(self._id_headers, name))
+                self._id_headers = self._id_header_name = None
+            if request_id is None:
+                # Not a secret: the same non-cryptographic generator as OTel's span ids.
+                request_id = f"{_random_bits(64):016x}"
+            self._request_id = request_id
         return request_id
 
     @property

@@ -1126,6 +1126,8 @@ class DependencySpans(RequestHooks):
         self._max_spans = max_spans
         self._marked_only = mode == "marked"
         self._timings_when_unsampled = bool(timings_when_unsampled)
+        # Unsampled requests skip this hook entirely unless timings are wanted.
+        self.unsampled_requests = self._timings_when_unsampled
         self.enabled = _install()
 
     def on_request_start(self, state: RequestState, scope: Scope) -> None:

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, quote
 
 from opentelemetry import propagate
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import Getter
+from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 
 __all__ = [
     "KNOWN_METHODS",
@@ -111,10 +111,9 @@ _GETTER: Final = _RawHeadersGetter()
 _fields_cache: tuple[object, frozenset[bytes]] = (None, frozenset())
 
 
-def _propagation_fields() -> frozenset[bytes] | None:
-    """Header names the global propagator reads (``None``: unknown, always extract)."""
+def _propagation_fields(propagator: TextMapPropagator) -> frozenset[bytes] | None:
+    """Header names ``propagator`` reads (``None``: unknown, always extract)."""
     global _fields_cache
-    propagator = propagate.get_global_textmap()
     cached_for, fields = _fields_cache
     if cached_for is not propagator:
         try:
@@ -136,14 +135,17 @@ def extract_context(headers: RawHeaders) -> Context:
     Requests that carry none of the propagator's headers skip extraction.
     """
     try:
-        fields = _propagation_fields()
-        if fields is not None:
+        propagator = propagate.get_global_textmap()
+        cached_for, fields = _fields_cache
+        if cached_for is not propagator:
+            fields = _propagation_fields(propagator) or frozenset()
+        if fields:
             for key, _ in headers:
                 if key in fields:
                     break
             else:
                 return _EMPTY  # a new root: never the ambient context
-        return propagate.extract(headers, getter=_GETTER, context=_EMPTY)
+        return propagator.extract(headers, context=_EMPTY, getter=_GETTER)
     except Exception:
         return _EMPTY
 

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from typing import Any, Final
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Tracer, TracerProvider
 
 from fastprof.__about__ import __version__
 
-__all__ = ["TRACER_NAME", "error_type", "fastprof_tracer"]
+__all__ = [
+    "TRACER_NAME",
+    "attach_context",
+    "context_with_span",
+    "current_context",
+    "detach_context",
+    "error_type",
+    "fastprof_tracer",
+]
 
 #: Instrumentation scope of every span fastprof creates.
 TRACER_NAME: Final = "fastprof"
@@ -33,3 +45,60 @@ def error_type(exc: BaseException) -> str:
     if cls.__module__ == "builtins":
         return cls.__qualname__
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _runtime_context_var() -> ContextVar[Context] | None:
+    """The ContextVar behind OpenTelemetry's default runtime context, if that is in use.
+
+    ``opentelemetry.context.attach/detach/get_current`` are two Python calls each
+    around one ContextVar operation; on the request path fastprof uses the
+    ContextVar directly when the runtime context is the default
+    ``ContextVarsRuntimeContext`` (selected by ``OTEL_PYTHON_CONTEXT``), and the
+    public functions otherwise.
+    """
+    try:
+        from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+        runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+        if type(runtime) is not ContextVarsRuntimeContext:
+            return None
+        var = getattr(runtime, "_current_context", None)
+        return var if isinstance(var, ContextVar) else None
+    except Exception:  # pragma: no cover - an API version without these names
+        return None
+
+
+_CONTEXT_VAR: Final = _runtime_context_var()
+
+current_context: Callable[[], Context]
+attach_context: Callable[[Context], Token[Any]]
+detach_context: Callable[[Token[Any]], None]
+if _CONTEXT_VAR is not None:
+    current_context = _CONTEXT_VAR.get
+    attach_context = _CONTEXT_VAR.set
+    detach_context = _CONTEXT_VAR.reset
+else:  # pragma: no cover - a non-default OTEL_PYTHON_CONTEXT
+    current_context = otel_context.get_current
+    attach_context = otel_context.attach
+    detach_context = otel_context.detach
+
+
+def _span_key() -> str:
+    """The key under which ``trace.set_span_in_context`` stores the current span."""
+    keys = list(trace.set_span_in_context(trace.INVALID_SPAN, Context()))
+    if len(keys) != 1:  # pragma: no cover - an API that stores more than the span
+        raise RuntimeError("unexpected OpenTelemetry context layout")
+    return keys[0]
+
+
+try:
+    _SPAN_KEY: str | None = _span_key()
+except Exception:  # pragma: no cover
+    _SPAN_KEY = None
+
+
+def context_with_span(span: trace.Span, parent: Context) -> Context:
+    """``trace.set_span_in_context(span, parent)``, one dict when ``parent`` is empty."""
+    if not parent and _SPAN_KEY is not None:
+        return Context({_SPAN_KEY: span})
+    return trace.set_span_in_context(span, parent)

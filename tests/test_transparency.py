@@ -42,8 +42,10 @@ class Handled(Exception):
     pass
 
 
-def _provider(native: bool) -> TracerProvider:
-    tp = TracerProvider()
+def _provider(native: bool, sampled: bool = True) -> TracerProvider:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+
+    tp = TracerProvider(sampler=ALWAYS_ON if sampled else ALWAYS_OFF)
     tp.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
     return tp
 
@@ -63,7 +65,7 @@ def everything() -> dict[str, Any]:
 
 
 def make_fastapi(
-    native: bool = False, features: bool = False
+    native: bool = False, features: bool = False, sampled: bool = True
 ) -> tuple[Callable[[bool], Any], dict[bool, list[str]]]:
     """An app factory covering the transparency matrix, plus its side-effect logs."""
     effects: dict[bool, list[str]] = {False: [], True: []}
@@ -176,7 +178,7 @@ def make_fastapi(
 
         if instrumented:
             extra = everything() if features else {}
-            fastprof.instrument(app, tracer_provider=_provider(False), **extra)
+            fastprof.instrument(app, tracer_provider=_provider(False, sampled), **extra)
         return app
 
     return factory, effects
@@ -206,6 +208,9 @@ CONFIGS = {
     "native-off": {"native": False},
     "native-on": {"native": True},
     "all-features": {"native": False, "features": True},
+    # Nothing sampled and no component needing unsampled requests: the lean path.
+    "unsampled": {"native": False, "sampled": False},
+    "unsampled-all-features": {"native": False, "features": True, "sampled": False},
 }
 
 

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 from opentelemetry import baggage, trace
-from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,11 +23,19 @@ from fastprof._http import (
     redact_query,
     server_address,
     truncate,
-    valid_request_id,
 )
 from fastprof._options import check_header_name, check_int
-from fastprof._otel import TRACER_NAME, error_type, fastprof_tracer
+from fastprof._otel import (
+    TRACER_NAME,
+    attach_context,
+    context_with_span,
+    current_context,
+    detach_context,
+    error_type,
+    fastprof_tracer,
+)
 from fastprof._routes import resolve_route
+from fastprof._sampling import drop_fast_path
 
 __all__ = ["ExcludeOption", "FastprofMiddleware", "RequestHooks"]
 
@@ -44,6 +51,13 @@ class RequestHooks:
     override what they need. Every call is guarded: a hook that raises is
     reported and skipped, never propagated into the request.
     """
+
+    #: Whether the hook is called for requests whose span is not recording
+    #: (unsampled). A hook that sets it to ``False`` (class or instance
+    #: attribute, read once when the middleware is built) is skipped for them,
+    #: and an unsampled request that no hook needs costs fastprof no more than
+    #: its span and context.
+    unsampled_requests: bool = True
 
     def on_request_start(self, state: RequestState, scope: Scope) -> None:
         """Called in the request's task before the application runs."""
@@ -147,6 +161,7 @@ class FastprofMiddleware:
                 raise ValueError(f"hooks: {hook!r} is not a fastprof RequestHooks")
         self.app = app
         self._tracer = tracer
+        self._drop_fast_path = drop_fast_path(tracer)
         self._exclude = _compile_exclude(exclude)
         self._request_id_header = (
             request_id_header.lower().encode("latin-1") if request_id_header else None
@@ -159,11 +174,15 @@ class FastprofMiddleware:
         self._query: QueryPolicy = query
         self._limit = max_attribute_length
         self._hooks = hooks
-        # Per-method tuples of the hooks that implement it: nothing to call is free.
-        self._start_hooks = _implementing(hooks, "on_request_start")
-        self._response_hooks = _implementing(hooks, "on_response_start")
-        self._end_hooks = _implementing(hooks, "on_request_end")
-        self._exit_hooks = _implementing(hooks, "on_app_exit")
+        self._sampled_hooks = _HookSet(hooks)
+        self._unsampled_hooks = _HookSet(
+            tuple(h for h in hooks if getattr(h, "unsampled_requests", True))
+        )
+        # An unsampled request that no hook needs and whose response fastprof
+        # doesn't change runs the app with the send/receive callables untouched.
+        self._lean_unsampled = (
+            self._unsampled_hooks.empty and self._response_request_id_header is None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or SCOPE_KEY in scope:
@@ -184,7 +203,27 @@ class FastprofMiddleware:
             _internal_errors.report("request_start", exc)
             await self.app(scope, receive, send)
             return
-        await request.run(self.app, scope, receive, send)
+        if request.lean:
+            # An unsampled request no hook needs: only the span's context is current.
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                request.leave(scope)
+        else:
+            await request.run(self.app, scope, receive, send)
+
+
+class _HookSet:
+    """Per-method tuples of the hooks that implement it: nothing to call is free."""
+
+    __slots__ = ("empty", "end", "exit", "response", "start")
+
+    def __init__(self, hooks: tuple[RequestHooks, ...]) -> None:
+        self.start = _implementing(hooks, "on_request_start")
+        self.response = _implementing(hooks, "on_response_start")
+        self.end = _implementing(hooks, "on_request_end")
+        self.exit = _implementing(hooks, "on_app_exit")
+        self.empty = not (self.start or self.response or self.end or self.exit)
 
 
 class _Request:
@@ -196,6 +235,7 @@ class _Request:
         "_disconnected",
         "_ended",
         "_finished",
+        "_hooks",
         "_mw",
         "_owned",
         "_recording",
@@ -204,64 +244,73 @@ class _Request:
         "_state_token",
         "_trailers",
         "_ttfb_s",
+        "lean",
         "state",
     )
 
     def __init__(self, mw: FastprofMiddleware, scope: Scope) -> None:
         self._mw = mw
-        self._finished = False
-        self._ended = False
-        self._completed = False
-        self._trailers = False
-        self._disconnected = False
-        self._response_started = False
-        headers = scope.get("headers") or []
+        headers: list[tuple[bytes, bytes]] = scope.get("headers") or []
         method = scope.get("method", "GET")
         path = scope.get("path", "")
 
-        ambient = otel_context.get_current()
-        span = _foreign_server_span(scope, ambient)
-        self._owned = span is None
-        self._ttfb_s = -1.0
+        ambient = current_context()
+        # The usual case (no native telemetry, an empty context from the server)
+        # skips the search for another layer's SERVER span.
+        span = (
+            _foreign_server_span(scope, ambient)
+            if ambient or "fastapi.telemetry" in scope
+            else None
+        )
+        ctx: Context | None
         if span is None:
+            self._owned = True
             parent = extract_context(headers)
             span_method = self._span_method = _SPAN_METHODS.get(method, "HTTP")
-            span = mw._tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
+            fast = mw._drop_fast_path
+            span = fast(parent) if fast is not None else None
+            if span is None:
+                span = mw._tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
             # The span's parent is never ambient (FM-05), but the app keeps every
             # other value of its context (baggage, FastAPI's telemetry data, ...).
-            ctx = trace.set_span_in_context(span, _with_ambient(parent, ambient))
+            ctx = context_with_span(span, _with_ambient(parent, ambient) if ambient else parent)
         else:
+            self._owned = False
             self._span_method = ""
             ctx = None
-        request_id = None
+        state = self.state = RequestState(span=span, method=method, path=path)
         if mw._request_id_header is not None:
-            request_id = valid_request_id(find_header(headers, mw._request_id_header))
-        self.state = RequestState(
-            request_id=request_id, span=span, method=method, path=path
-        )
+            state.request_id_from(headers, mw._request_id_header)
         # Routing mutates the scope: resolve from what it was on the way in.
-        self.state.resolve_route_with(
-            functools.partial(
-                _resolve_route_safely,
-                scope,
-                scope.get("app"),
-                scope.get("root_path", ""),
-                path,
-            )
+        state._route_resolver = functools.partial(
+            _resolve_route_safely, scope, scope.get("app"), scope.get("root_path", ""), path
         )
         recording = self._recording = span.is_recording()
         if recording:
+            self._hooks = mw._sampled_hooks
+            self.lean = False
             # One batch: every set_attribute call on an SDK span takes its lock.
             attrs = (
                 self._request_attributes(scope, headers, method_attributes(method)[1])
                 if self._owned
                 else {}
             )
-            attrs["fastprof.request_id"] = self.state.request_id
+            attrs["fastprof.request_id"] = state.request_id
             span.set_attributes(attrs)
-        scope[SCOPE_KEY] = self.state
-        self._state_token = current_request.set(self.state)
-        self._context_token = otel_context.attach(ctx) if ctx is not None else None
+        else:
+            self._hooks = mw._unsampled_hooks
+            self.lean = mw._lean_unsampled
+        if not self.lean:
+            self._finished = False
+            self._ended = False
+            self._completed = False
+            self._trailers = False
+            self._disconnected = False
+            self._response_started = False
+            self._ttfb_s = -1.0
+        scope[SCOPE_KEY] = state
+        self._state_token = current_request.set(state)
+        self._context_token = attach_context(ctx) if ctx is not None else None
 
     def _request_attributes(
         self, scope: Scope, headers: list[tuple[bytes, bytes]], attrs: dict[str, Any]
@@ -292,7 +341,8 @@ class _Request:
         return attrs
 
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-        for hook in self._mw._start_hooks:
+        hooks = self._hooks
+        for hook in hooks.start:
             try:
                 hook.on_request_start(self.state, scope)
             except Exception as exc:
@@ -312,20 +362,23 @@ class _Request:
             if not self._ended:
                 self._end_span()
         finally:
-            for hook in self._mw._exit_hooks:
+            for hook in hooks.exit:
                 try:
                     hook.on_app_exit(self.state)
                 except Exception as exc:
                     _internal_errors.report("hook.on_app_exit", exc)
-            if self._context_token is not None:
-                try:
-                    otel_context.detach(self._context_token)
-                except Exception as exc:  # pragma: no cover - defensive
-                    _internal_errors.report("context_detach", exc)
-            current_request.reset(self._state_token)
-            # Break the scope <-> state reference cycle, so the request's objects
-            # (FastAPI keeps exit stacks in the scope) are freed now, not by the GC.
-            scope.pop(SCOPE_KEY, None)
+            self.leave(scope)
+
+    def leave(self, scope: Scope) -> None:
+        if self._context_token is not None:
+            try:
+                detach_context(self._context_token)
+            except Exception as exc:  # pragma: no cover - defensive
+                _internal_errors.report("context_detach", exc)
+        current_request.reset(self._state_token)
+        # Break the scope <-> state reference cycle, so the request's objects
+        # (FastAPI keeps exit stacks in the scope) are freed now, not by the GC.
+        scope.pop(SCOPE_KEY, None)
 
     def _receive_wrapper(self, receive: Receive) -> Receive:
         async def wrapped_receive() -> Message:
@@ -337,7 +390,7 @@ class _Request:
         return wrapped_receive
 
     def _send_wrapper(self, scope: Scope, send: Send) -> Callable[[Message], Awaitable[None]]:
-        hooks = self._mw._response_hooks
+        hooks = self._hooks.response
         response_header = self._mw._response_request_id_header
 
         async def wrapped_send(message: Message) -> None:
@@ -401,7 +454,7 @@ class _Request:
                 self._annotate(state.span, error)
         except Exception as exc:
             _internal_errors.report("request_end", exc)
-        for hook in self._mw._end_hooks:
+        for hook in self._hooks.end:
             try:
                 hook.on_request_end(state)
             except Exception as exc:

@@ -1,0 +1,230 @@
+"""Unsampled requests: the dropped-span fast path and the lean middleware path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+import fastprof
+from fastprof._sampling import drop_fast_path
+
+pytestmark = pytest.mark.anyio
+
+TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+PARENT_ID = 0xB7AD6B7169203331
+
+
+def _tracer(sampler: Sampler) -> Any:
+    return TracerProvider(sampler=sampler).get_tracer("fastprof")
+
+
+def _remote(sampled: bool) -> Context:
+    parent = SpanContext(
+        TRACE_ID,
+        PARENT_ID,
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
+        trace_state=TraceState([("vendor", "v1")]),
+    )
+    return trace.set_span_in_context(NonRecordingSpan(parent), Context())
+
+
+def _same_as_sdk(tracer: Any, parent: Context) -> None:
+    fast = drop_fast_path(tracer)
+    assert fast is not None
+    mine = fast(parent)
+    assert mine is not None
+    theirs = tracer.start_span("GET", context=parent, kind=SpanKind.SERVER)
+    assert type(mine) is type(theirs) is NonRecordingSpan
+    a, b = mine.get_span_context(), theirs.get_span_context()
+    assert (a.is_remote, a.trace_flags, a.trace_state) == (
+        b.is_remote,
+        b.trace_flags,
+        b.trace_state,
+    )
+    assert a.is_valid and a.span_id != b.span_id
+    if parent:
+        assert a.trace_id == b.trace_id == TRACE_ID
+    else:
+        assert a.trace_id != b.trace_id  # a fresh root trace id each time
+
+
+def test_always_off_roots_and_parents_match_the_sdk() -> None:
+    tracer = _tracer(ALWAYS_OFF)
+    for parent in (Context(), _remote(False), _remote(True)):
+        _same_as_sdk(tracer, parent)
+
+
+def test_parent_based_fast_path_only_for_the_dropping_branch() -> None:
+    tracer = _tracer(ParentBased(ALWAYS_ON))
+    fast = drop_fast_path(tracer)
+    assert fast is not None
+    assert fast(Context()) is None  # root: ALWAYS_ON decides, through the SDK
+    assert fast(_remote(True)) is None  # sampled parent: recorded, through the SDK
+    _same_as_sdk(tracer, _remote(False))  # keeps the parent's trace id and tracestate
+
+
+def test_ratio_decisions_always_go_through_the_sdk() -> None:
+    assert drop_fast_path(_tracer(TraceIdRatioBased(0.5))) is None
+    fast = drop_fast_path(_tracer(ParentBased(TraceIdRatioBased(0.1))))
+    assert fast is not None
+    assert fast(Context()) is None  # the ratio is decided once, by the SDK
+
+
+def test_unknown_samplers_and_tracers_have_no_fast_path() -> None:
+    class Custom(Sampler):
+        def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+            return SamplingResult(Decision.DROP)
+
+        def get_description(self) -> str:
+            return "custom"
+
+    class CustomParentBased(ParentBased):
+        def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+            return SamplingResult(Decision.RECORD_AND_SAMPLE)
+
+    assert drop_fast_path(_tracer(Custom())) is None
+    assert drop_fast_path(_tracer(CustomParentBased(ALWAYS_OFF))) is None
+    assert drop_fast_path(_tracer(ALWAYS_ON)) is None
+    assert drop_fast_path(trace.ProxyTracer("x")) is None
+    assert drop_fast_path(object()) is None
+
+
+class _CountingRoot(Sampler):
+    """A root sampler that samples every other root and counts its decisions."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Sequence[Any] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        self.calls += 1
+        decision = Decision.RECORD_AND_SAMPLE if self.calls % 2 else Decision.DROP
+        return SamplingResult(decision)
+
+    def get_description(self) -> str:
+        return "counting"
+
+
+def _app(provider: TracerProvider, seen: list[SpanContext], **options: Any) -> Starlette:
+    async def endpoint(request: Request) -> Response:
+        seen.append(trace.get_current_span().get_span_context())
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    fastprof.instrument(app, tracer_provider=provider, **options)
+    return app
+
+
+async def _get(app: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await client.get("/", headers=headers)
+
+
+async def test_each_request_is_sampled_once_and_unsampled_parents_propagate() -> None:
+    root = _CountingRoot()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(root))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    seen: list[SpanContext] = []
+    app = _app(provider, seen)
+
+    for _ in range(4):
+        assert (await _get(app)).text == "ok"
+    assert root.calls == 4  # one decision per root request, none made twice
+    assert len(exporter.get_finished_spans()) == 2  # every other root sampled
+
+    unsampled = f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-00"
+    response = await _get(app, {"traceparent": unsampled, "tracestate": "vendor=v1"})
+    assert response.text == "ok"
+    assert root.calls == 4  # the parent's decision: the root sampler isn't asked
+    ctx = seen[-1]
+    assert (ctx.trace_id, ctx.trace_flags.sampled) == (TRACE_ID, False)
+    assert ctx.span_id != PARENT_ID and not ctx.is_remote
+    assert ctx.trace_state.get("vendor") == "v1"
+    assert len(exporter.get_finished_spans()) == 2
+
+
+class _Recorder(fastprof.RequestHooks):
+    def __init__(self, unsampled: bool) -> None:
+        self.unsampled_requests = unsampled
+        self.calls: list[tuple[str, bool]] = []
+
+    def on_request_start(self, state: Any, scope: Any) -> None:
+        self.calls.append(("start", state.span.is_recording()))
+
+    def on_response_start(self, state: Any, message: Any) -> None:
+        self.calls.append(("response", state.span.is_recording()))
+
+    def on_request_end(self, state: Any) -> None:
+        self.calls.append(("end", state.span.is_recording()))
+
+    def on_app_exit(self, state: Any) -> None:
+        self.calls.append(("exit", state.span.is_recording()))
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+async def test_hooks_opting_out_of_unsampled_requests_are_skipped(sampled: bool) -> None:
+    provider = TracerProvider(sampler=ALWAYS_ON if sampled else ALWAYS_OFF)
+    opted_out, default = _Recorder(False), _Recorder(True)
+    seen: list[SpanContext] = []
+    app = _app(provider, seen, hooks=[opted_out, default])
+    assert (await _get(app)).text == "ok"
+    # on_app_exit: the span fastprof owns has ended by then.
+    expected = [("start", sampled), ("response", sampled), ("end", sampled), ("exit", False)]
+    assert default.calls == expected
+    assert opted_out.calls == (expected if sampled else [])
+
+
+async def test_lean_unsampled_request_keeps_request_state() -> None:
+    """Without any hook, an unsampled request still publishes its state and context."""
+    states: list[Any] = []
+
+    async def endpoint(request: Request) -> Response:
+        state = fastprof.current_request.get()
+        states.append((state, trace.get_current_span()))
+        return PlainTextResponse(state.request_id if state else "none")
+
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    app = Starlette(routes=[Route("/r/{x}", endpoint)])
+    fastprof.instrument(app, tracer_provider=provider, dependencies="off")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        given = await client.get("/r/1", headers={"x-request-id": "abc-123"})
+        generated = await client.get("/r/2", headers={"x-request-id": "bad id!"})
+    assert given.text == "abc-123"
+    assert len(generated.text) == 16 and generated.text != "bad id!"
+    (state, span), _ = states
+    assert state.route == "/r/{x}" and state.span is span and not span.is_recording()
+    assert fastprof.current_request.get() is None  # reset after the request
