@@ -78,19 +78,26 @@ class RequestState:
     worker_hook: Callable[[Callable[[], Any]], Any] | None = None
 
     def __init__(
-        self, *, request_id: str | None = None, span: Span, method: str, path: str
+        self,
+        *,
+        request_id: str | None = None,
+        span: Span,
+        method: str,
+        path: str,
+        headers: Any = None,
+        id_header: bytes | None = None,
     ) -> None:
+        """``request_id`` is used as given; else, when ``id_header`` (a lower-case
+        header name) is given, taken from that header of the ASGI ``headers`` if
+        valid, on first use of :attr:`request_id`; else generated."""
         self._request_id = request_id
         self.span = span
         self.method = method
         self.path = path
+        if id_header is not None:
+            self._id_headers = headers
+            self._id_header_name = id_header
         self.start_ns = time.perf_counter_ns()
-
-    def request_id_from(self, headers: Any, name: bytes) -> None:
-        """Take :attr:`request_id` from header ``name`` of the ASGI ``headers`` when
-        it is valid; read on first use of :attr:`request_id`."""
-        self._id_headers = headers
-        self._id_header_name = name
 
     @property
     def request_id(self) -> str:

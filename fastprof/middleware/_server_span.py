@@ -271,21 +271,25 @@ class _Request:
             span = fast(parent) if fast is not None else None
             if span is None:
                 span = mw._tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
+                recording = span.is_recording()
+            else:
+                recording = False  # the fast path only makes dropped spans
             # The span's parent is never ambient (FM-05), but the app keeps every
             # other value of its context (baggage, FastAPI's telemetry data, ...).
             ctx = context_with_span(span, _with_ambient(parent, ambient) if ambient else parent)
         else:
             self._owned = False
             self._span_method = ""
+            recording = span.is_recording()
             ctx = None
-        state = self.state = RequestState(span=span, method=method, path=path)
-        if mw._request_id_header is not None:
-            state.request_id_from(headers, mw._request_id_header)
+        state = self.state = RequestState(
+            span=span, method=method, path=path, headers=headers, id_header=mw._request_id_header
+        )
         # Routing mutates the scope: resolve from what it was on the way in.
         state._route_resolver = functools.partial(
             _resolve_route_safely, scope, scope.get("app"), scope.get("root_path", ""), path
         )
-        recording = self._recording = span.is_recording()
+        self._recording = recording
         if recording:
             self._hooks = mw._sampled_hooks
             self.lean = False
