@@ -79,13 +79,13 @@ class RequestState:
 
     def __init__(
         self,
-        *,
-        request_id: str | None = None,
         span: Span,
         method: str,
         path: str,
         headers: Any = None,
         id_header: bytes | None = None,
+        *,
+        request_id: str | None = None,
     ) -> None:
         """``request_id`` is used as given; else, when ``id_header`` (a lower-case
         header name) is given, taken from that header of the ASGI ``headers`` if

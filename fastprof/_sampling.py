@@ -93,6 +93,8 @@ def _build(tracer: Any) -> DropFastPath | None:
     drop = Decision.DROP
     get_current_span = trace.get_current_span
 
+    make_root_context = _root_context_factory(root_flags)
+
     def span_for(parent_context: Context) -> Span | None:
         if has_config and not tracer._tracer_config.is_enabled:
             return None
@@ -118,19 +120,53 @@ def _build(tracer: Any) -> DropFastPath | None:
                 )
         if not root_drops:
             return None
+        if record_start is not None:
+            record_start(None, drop)
         if inline_ids:
+            if make_root_context is not None:
+                return NonRecordingSpan(
+                    make_root_context(getrandbits(128) or 1, getrandbits(64) or 1)
+                )
             trace_id = getrandbits(128) or 1
             span_id = getrandbits(64) or 1
         else:
             trace_id = generate_trace_id()
             span_id = generate_span_id()
-        if record_start is not None:
-            record_start(None, drop)
         return NonRecordingSpan(
             SpanContext(trace_id, span_id, is_remote=False, trace_flags=root_flags)
         )
 
     return span_for
+
+
+def _root_context_factory(flags: TraceFlags) -> Callable[[int, int], SpanContext] | None:
+    """A cheaper ``SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags)``
+    for ids known to be valid, if ``SpanContext``'s layout is the one checked here.
+
+    ``SpanContext`` is a tuple whose Python ``__new__`` (keyword arguments, validation)
+    costs about 5,700 instructions; building the tuple directly costs a tenth of that.
+    """
+    try:
+        reference = SpanContext(0x1234, 0x5678, is_remote=False, trace_flags=flags)
+        state = reference.trace_state
+        new = tuple.__new__
+
+        def make(trace_id: int, span_id: int) -> SpanContext:
+            return new(SpanContext, (trace_id, span_id, False, flags, state, True))
+
+        built = make(0x1234, 0x5678)
+        if (
+            type(built) is SpanContext
+            and built == reference
+            and (built.trace_id, built.span_id, built.is_remote, built.is_valid)
+            == (0x1234, 0x5678, False, True)
+            and built.trace_flags is flags
+            and built.trace_state is state
+        ):
+            return make
+    except Exception:  # pragma: no cover - another API layout
+        pass
+    return None  # pragma: no cover
 
 
 def _agrees_with_sdk(tracer: Any, fast: DropFastPath) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Awaitable, Callable, Iterable
+from contextvars import Token
 from typing import Any, Final
 
 from opentelemetry import baggage, trace
@@ -183,6 +184,8 @@ class FastprofMiddleware:
         self._lean_unsampled = (
             self._unsampled_hooks.empty and self._response_request_id_header is None
         )
+        # Dropped spans built without the SDK, for requests that take the lean path.
+        self._lean_fast_path = self._drop_fast_path if self._lean_unsampled else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or SCOPE_KEY in scope:
@@ -198,19 +201,42 @@ class FastprofMiddleware:
                 await self.app(scope, receive, send)
                 return
         try:
-            request = _Request(self, scope)
+            request = self._enter(scope)
         except Exception as exc:
             _internal_errors.report("request_start", exc)
             await self.app(scope, receive, send)
             return
-        if request.lean:
-            # An unsampled request no hook needs: only the span's context is current.
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                request.leave(scope)
-        else:
+        if type(request) is _Request and not request.lean:
             await request.run(self.app, scope, receive, send)
+            return
+        # An unsampled request no hook needs: only the span's context is current.
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            request.leave(scope)
+
+    def _enter(self, scope: Scope) -> _Request | _LeanRequest:
+        """Start tracing a request: the cheapest path that serves it."""
+        parent = None
+        fast = self._lean_fast_path
+        if fast is not None and "fastapi.telemetry" not in scope and not current_context():
+            headers: list[tuple[bytes, bytes]] = scope.get("headers") or []
+            parent = extract_context(headers)
+            span = fast(parent)
+            if span is not None:
+                path = scope.get("path", "")
+                # Positional: a class call with keywords builds a dict.
+                state = RequestState(
+                    span, scope.get("method", "GET"), path, headers, self._request_id_header
+                )
+                state._route_resolver = functools.partial(
+                    _resolve_route_safely, scope, scope.get("app"), scope.get("root_path", ""), path
+                )
+                scope[SCOPE_KEY] = state
+                return _LeanRequest(
+                    current_request.set(state), attach_context(context_with_span(span, parent))
+                )
+        return _Request(self, scope, parent)
 
 
 class _HookSet:
@@ -224,6 +250,24 @@ class _HookSet:
         self.end = _implementing(hooks, "on_request_end")
         self.exit = _implementing(hooks, "on_app_exit")
         self.empty = not (self.start or self.response or self.end or self.exit)
+
+
+class _LeanRequest:
+    """An unsampled request that no hook needs: what to undo when it ends."""
+
+    __slots__ = ("_context_token", "_state_token")
+
+    def __init__(self, state_token: Token[Any], context_token: Token[Any]) -> None:
+        self._state_token = state_token
+        self._context_token = context_token
+
+    def leave(self, scope: Scope) -> None:
+        try:
+            detach_context(self._context_token)
+        except Exception as exc:  # pragma: no cover - defensive
+            _internal_errors.report("context_detach", exc)
+        current_request.reset(self._state_token)
+        scope.pop(SCOPE_KEY, None)
 
 
 class _Request:
@@ -248,7 +292,8 @@ class _Request:
         "state",
     )
 
-    def __init__(self, mw: FastprofMiddleware, scope: Scope) -> None:
+    def __init__(self, mw: FastprofMiddleware, scope: Scope, parent: Context | None) -> None:
+        """``parent``: the context extracted from the headers, if already done."""
         self._mw = mw
         headers: list[tuple[bytes, bytes]] = scope.get("headers") or []
         method = scope.get("method", "GET")
@@ -265,7 +310,8 @@ class _Request:
         ctx: Context | None
         if span is None:
             self._owned = True
-            parent = extract_context(headers)
+            if parent is None:
+                parent = extract_context(headers)
             span_method = self._span_method = _SPAN_METHODS.get(method, "HTTP")
             fast = mw._drop_fast_path
             span = fast(parent) if fast is not None else None
@@ -282,9 +328,7 @@ class _Request:
             self._span_method = ""
             recording = span.is_recording()
             ctx = None
-        state = self.state = RequestState(
-            span=span, method=method, path=path, headers=headers, id_header=mw._request_id_header
-        )
+        state = self.state = RequestState(span, method, path, headers, mw._request_id_header)
         # Routing mutates the scope: resolve from what it was on the way in.
         state._route_resolver = functools.partial(
             _resolve_route_safely, scope, scope.get("app"), scope.get("root_path", ""), path
