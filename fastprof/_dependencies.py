@@ -187,9 +187,12 @@ class _CallInfo:
 
 _wrappers: weakref.WeakKeyDictionary[Any, Callable[..., Any]] = weakref.WeakKeyDictionary()
 _unweakable: dict[int, tuple[Any, Callable[..., Any]]] = {}
-_mirrors: dict[tuple[bool, bool], dict[int, tuple[Any, Any]]] = {
+#: (marked_only, root) -> {id(dependant): (dependant, mirror, _CallInfo of mirror.call or None)}
+_mirrors: dict[tuple[bool, bool], dict[int, tuple[Any, Any, _CallInfo | None]]] = {
     (marked, root): {} for marked in (False, True) for root in (False, True)
 }
+#: The sub-dependant caches, indexed by ``marked_only`` (the solver's hot path).
+_sub_mirrors: Final = (_mirrors[(False, False)], _mirrors[(True, False)])
 _marked: weakref.WeakSet[Any] = weakref.WeakSet()
 _marked_unweakable: dict[int, Any] = {}
 
@@ -378,11 +381,15 @@ def _mirror_of(dependant: Any, marked_only: bool, root: bool) -> Any:
         mirror = copy.copy(dependant)
         mirror.dependencies = subs
         mirror.call = call
+    info = None if root else _info_of(mirror.call)
     if len(cache) >= _MAX_MIRRORS:
         cache.clear()
-    cache[id(dependant)] = (dependant, mirror)
+    cache[id(dependant)] = (dependant, mirror, info)
     if mirror is not dependant:
-        _mirrors[(marked_only, False)][id(mirror)] = (mirror, mirror)
+        subs_cache = _sub_mirrors[marked_only]
+        if len(subs_cache) >= _MAX_MIRRORS:
+            subs_cache.clear()
+        subs_cache[id(mirror)] = (mirror, mirror, _info_of(call))
     return mirror
 
 
@@ -656,10 +663,15 @@ def _enter_solve(
             )
     else:
         # Usually already a mirror (a fixed point); an override's fresh dependant is mirrored here.
-        mirror = _mirror_of(dependant, tracker.marked_only, root=False)
         # info is None when FastAPI will call something fastprof did not wrap:
         # the node then only groups its children.
-        node = _Node(tracker, _info_of(mirror.call), parent, parent.ctx)
+        entry = _sub_mirrors[tracker.marked_only].get(id(dependant))
+        if entry is not None and entry[0] is dependant:
+            mirror, info = entry[1], entry[2]
+        else:
+            mirror = _mirror_of(dependant, tracker.marked_only, root=False)
+            info = _info_of(mirror.call)
+        node = _Node(tracker, info, parent, parent.ctx)
     node.mirror = mirror
     kwargs["dependant"] = mirror
     return node
@@ -728,21 +740,24 @@ def _timed_endpoint(dependant: Any) -> Any:
     return mirror
 
 
-_endpoint_attrs: dict[int, tuple[Any, dict[str, Any]]] = {}
+_endpoint_infos: dict[int, tuple[Any, str, dict[str, Any]]] = {}
 
 
-def _endpoint_attributes(dependant: Any) -> dict[str, Any]:
-    entry = _endpoint_attrs.get(id(dependant))
+def _endpoint_info(dependant: Any) -> tuple[str, dict[str, Any]]:
+    """The endpoint's timing name and phase-span attributes (cached per dependant)."""
+    entry = _endpoint_infos.get(id(dependant))
     if entry is not None and entry[0] is dependant:
-        return entry[1]
+        return entry[1], entry[2]
+    call = dependant.call
+    name = getattr(call, "__qualname__", "endpoint")
     attrs = {
         "fastprof.phase": "endpoint",
-        "code.function.name": _CallInfo(dependant.call, "endpoint").code_name,
+        "code.function.name": _CallInfo(call, "endpoint").code_name,
     }
-    if len(_endpoint_attrs) >= _MAX_MIRRORS:
-        _endpoint_attrs.clear()
-    _endpoint_attrs[id(dependant)] = (dependant, attrs)
-    return attrs
+    if len(_endpoint_infos) >= _MAX_MIRRORS:
+        _endpoint_infos.clear()
+    _endpoint_infos[id(dependant)] = (dependant, name, attrs)
+    return name, attrs
 
 
 def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -750,35 +765,36 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
         span: Span | None = None
         token = None
         box: list[int] | None = None
+        box_token = None
+        name = "endpoint"
         submitted = time.perf_counter_ns()
         try:
-            ctx = otel_context.get_current()
+            name, attributes = _endpoint_info(dependant)
             if tracker.phases:
-                span = _phase_span(
-                    tracker, "fastprof.endpoint", ctx, submitted, _endpoint_attributes(dependant)
-                )
-                if span is not None:
-                    token = otel_context.attach(trace.set_span_in_context(span, ctx))
+                ctx = otel_context.get_current()
+                span = _phase_span(tracker, "fastprof.endpoint", ctx, submitted, attributes)
+                token = otel_context.attach(trace.set_span_in_context(span, ctx))
             if not is_coroutine:
                 dependant = _timed_endpoint(dependant)
                 box = []
+                # Read by _timed_endpoint in the worker thread (and by nothing else).
+                box_token = _started_ns.set(box)
         except Exception as exc:
             _internal_errors.report("dependencies.endpoint_start", exc)
         error: BaseException | None = None
-        box_token = _started_ns.set(box)  # read by _timed_endpoint in the worker thread
         try:
             return await original(dependant=dependant, values=values, is_coroutine=is_coroutine)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            _started_ns.reset(box_token)
             try:
+                if box_token is not None:
+                    _started_ns.reset(box_token)
                 if token is not None:
                     otel_context.detach(token)
                 end = time.perf_counter_ns()
                 wait_s = (box[0] - submitted) / 1e9 if box else 0.0
-                name = getattr(dependant.call, "__qualname__", "endpoint")
                 tracker.state.add_timing(
                     Timing(name, "endpoint", (end - submitted) / 1e9 - wait_s, wait_s)
                 )
@@ -826,11 +842,16 @@ def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
                 _record_error(span, exc)
             raise
         finally:
-            if span is not None:
-                span.end()
-            # For the slow-request log, with or without phase spans.
-            duration_s = (time.perf_counter_ns() - started) / 1e9
-            tracker.state.add_timing(Timing("serialization", "serialization", duration_s))
+            try:
+                end = time.perf_counter_ns()
+                if span is not None:
+                    span.end(end_time=end + tracker.epoch_offset)
+                # For the slow-request log, with or without phase spans.
+                tracker.state.add_timing(
+                    Timing("serialization", "serialization", (end - started) / 1e9)
+                )
+            except Exception as exc:
+                _internal_errors.report("dependencies.serialization_end", exc)
 
     @functools.wraps(original)
     def serialize_response(*args: Any, **kwargs: Any) -> Any:
