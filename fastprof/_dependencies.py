@@ -616,7 +616,11 @@ def _patch(original: Callable[..., Any]) -> Callable[..., Any]:
             raise
         tracker.current = parent
         try:
-            _leave_solve(tracker, node, result)
+            if node.info is not None and tracker.pending is None and not result.errors:
+                node.ready_ns = time.perf_counter_ns()
+                tracker.pending = node  # the wrapper called next picks it up
+            else:
+                _leave_solve(tracker, node, result)
         except Exception as exc:
             _internal_errors.report("dependencies.solve_end", exc)
         return result
@@ -647,6 +651,7 @@ def _enter_solve(
         # here; without it the request span is current and fastprof adds phases.
         if trace.get_current_span(ctx) is tracker.state.span:
             tracker.phases = True
+            tracker.server_ctx = ctx  # the parent of teardown spans
             node.span = _phase_span(
                 tracker, "fastprof.dependencies", ctx, node.start_ns, _DEPENDENCIES_PHASE
             )
