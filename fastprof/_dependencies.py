@@ -38,7 +38,7 @@ import logging
 import time
 import types
 import weakref
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Generator
 from contextvars import ContextVar
 from typing import Any, Final
 
@@ -187,9 +187,12 @@ class _CallInfo:
 
 _wrappers: weakref.WeakKeyDictionary[Any, Callable[..., Any]] = weakref.WeakKeyDictionary()
 _unweakable: dict[int, tuple[Any, Callable[..., Any]]] = {}
-_mirrors: dict[tuple[bool, bool], dict[int, tuple[Any, Any]]] = {
+#: (marked_only, root) -> {id(dependant): (dependant, mirror, _CallInfo of mirror.call or None)}
+_mirrors: dict[tuple[bool, bool], dict[int, tuple[Any, Any, _CallInfo | None]]] = {
     (marked, root): {} for marked in (False, True) for root in (False, True)
 }
+#: The sub-dependant caches, indexed by ``marked_only`` (the solver's hot path).
+_sub_mirrors: Final = (_mirrors[(False, False)], _mirrors[(True, False)])
 _marked: weakref.WeakSet[Any] = weakref.WeakSet()
 _marked_unweakable: dict[int, Any] = {}
 
@@ -257,9 +260,9 @@ def _make_wrapper(call: Any, info: _CallInfo) -> Callable[..., Any]:
     # annotations with the *wrapper's* __globals__ when an override is active.
     wrapper: Callable[..., Any]
     if info.kind == "async":
-        wrapper = _async_wrapper(call, info, _run_async)
+        wrapper = _async_wrapper(call, info, _begin, _end)
     elif info.kind == "sync":
-        wrapper = _sync_wrapper(call, info, _run_sync)
+        wrapper = _sync_wrapper(call, info, _begin, _end)
     elif info.kind == "generator":
         wrapper = _gen_wrapper(call, info, _GenDriver, _STOP)
     else:
@@ -278,18 +281,43 @@ def _make_wrapper(call: Any, info: _CallInfo) -> Callable[..., Any]:
     return wrapper
 
 
-def _async_wrapper(
-    fn: Any, info: _CallInfo, run: Callable[..., Coroutine[Any, Any, Any]]
-) -> Callable[..., Any]:
+def _async_wrapper(fn: Any, info: _CallInfo, begin: Any, end: Any) -> Callable[..., Any]:
+    # One coroutine per call: the timing is inline, not in a second coroutine.
+    active = _active
+
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return await run(fn, info, args, kwargs)
+        tracker = active.get()
+        node = begin(tracker, info, True) if tracker is not None else None
+        if node is None:
+            return await fn(*args, **kwargs)
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            end(node, True, exc, "dependency")
+            raise
+        end(node, True, None, "dependency")
+        return result
 
     return wrapper
 
 
-def _sync_wrapper(fn: Any, info: _CallInfo, run: Callable[..., Any]) -> Callable[..., Any]:
+def _sync_wrapper(fn: Any, info: _CallInfo, begin: Any, end: Any) -> Callable[..., Any]:
+    active = _active
+    partial = functools.partial
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return run(fn, info, args, kwargs)
+        tracker = active.get()
+        node = begin(tracker, info, False) if tracker is not None else None
+        if node is None:
+            return fn(*args, **kwargs)
+        try:
+            hook = tracker.state.worker_hook  # type: ignore[union-attr]
+            result = fn(*args, **kwargs) if hook is None else hook(partial(fn, *args, **kwargs))
+        except BaseException as exc:
+            end(node, False, exc, "dependency")
+            raise
+        end(node, False, None, "dependency")
+        return result
 
     return wrapper
 
@@ -353,11 +381,15 @@ def _mirror_of(dependant: Any, marked_only: bool, root: bool) -> Any:
         mirror = copy.copy(dependant)
         mirror.dependencies = subs
         mirror.call = call
+    info = None if root else _info_of(mirror.call)
     if len(cache) >= _MAX_MIRRORS:
         cache.clear()
-    cache[id(dependant)] = (dependant, mirror)
+    cache[id(dependant)] = (dependant, mirror, info)
     if mirror is not dependant:
-        _mirrors[(marked_only, False)][id(mirror)] = (mirror, mirror)
+        subs_cache = _sub_mirrors[marked_only]
+        if len(subs_cache) >= _MAX_MIRRORS:
+            subs_cache.clear()
+        subs_cache[id(mirror)] = (mirror, mirror, _info_of(call))
     return mirror
 
 
@@ -495,7 +527,11 @@ def _new_span(
 
 
 def _ensure_span(node: _Node) -> Span | None:
-    """The node's span, created on first need (with its real start time)."""
+    """The node's span, created on first need (with its real start time).
+
+    The context with the span current (``span_ctx``) is built with it: every
+    dependency span is attached while its code runs, and is its children's parent.
+    """
     span = node.span
     if span is None and not node.dropped:
         info = node.info
@@ -504,23 +540,21 @@ def _ensure_span(node: _Node) -> Span | None:
         span = node.span = _new_span(
             node.tracker, info.span_name, _parent_context(node), node.start_ns, info.attributes
         )
-        node.dropped = span is None
+        if span is None:
+            node.dropped = True
+        else:
+            node.span_ctx = trace.set_span_in_context(span, node.ctx)
     return span
-
-
-def _span_context(node: _Node, span: Span) -> Context:
-    ctx = node.span_ctx
-    if ctx is None:
-        ctx = node.span_ctx = trace.set_span_in_context(span, node.ctx)
-    return ctx
 
 
 def _parent_context(node: _Node) -> Context:
     parent = node.parent
     while parent is not None:
-        span = _ensure_span(parent)
-        if span is not None:
-            return _span_context(parent, span)
+        ctx = parent.span_ctx
+        if ctx is not None:
+            return ctx
+        if _ensure_span(parent) is not None:
+            return parent.span_ctx  # type: ignore[return-value]
         parent = parent.parent
     return node.ctx
 
@@ -582,7 +616,11 @@ def _patch(original: Callable[..., Any]) -> Callable[..., Any]:
             raise
         tracker.current = parent
         try:
-            _leave_solve(tracker, node, result)
+            if node.info is not None and tracker.pending is None and not result.errors:
+                node.ready_ns = time.perf_counter_ns()
+                tracker.pending = node  # the wrapper called next picks it up
+            else:
+                _leave_solve(tracker, node, result)
         except Exception as exc:
             _internal_errors.report("dependencies.solve_end", exc)
         return result
@@ -613,10 +651,11 @@ def _enter_solve(
         # here; without it the request span is current and fastprof adds phases.
         if trace.get_current_span(ctx) is tracker.state.span:
             tracker.phases = True
+            tracker.server_ctx = ctx  # the parent of teardown spans
             node.span = _phase_span(
                 tracker, "fastprof.dependencies", ctx, node.start_ns, _DEPENDENCIES_PHASE
             )
-            node.ctx = trace.set_span_in_context(node.span, ctx)
+            node.ctx = node.span_ctx = trace.set_span_in_context(node.span, ctx)
         provider = kwargs.get("dependency_overrides_provider")
         # Even when it is empty now: FastAPI reads it again for every sub-dependency.
         if (
@@ -629,10 +668,15 @@ def _enter_solve(
             )
     else:
         # Usually already a mirror (a fixed point); an override's fresh dependant is mirrored here.
-        mirror = _mirror_of(dependant, tracker.marked_only, root=False)
         # info is None when FastAPI will call something fastprof did not wrap:
         # the node then only groups its children.
-        node = _Node(tracker, _info_of(mirror.call), parent, parent.ctx)
+        entry = _sub_mirrors[tracker.marked_only].get(id(dependant))
+        if entry is not None and entry[0] is dependant:
+            mirror, info = entry[1], entry[2]
+        else:
+            mirror = _mirror_of(dependant, tracker.marked_only, root=False)
+            info = _info_of(mirror.call)
+        node = _Node(tracker, info, parent, parent.ctx)
     node.mirror = mirror
     kwargs["dependant"] = mirror
     return node
@@ -701,21 +745,24 @@ def _timed_endpoint(dependant: Any) -> Any:
     return mirror
 
 
-_endpoint_attrs: dict[int, tuple[Any, dict[str, Any]]] = {}
+_endpoint_infos: dict[int, tuple[Any, str, dict[str, Any]]] = {}
 
 
-def _endpoint_attributes(dependant: Any) -> dict[str, Any]:
-    entry = _endpoint_attrs.get(id(dependant))
+def _endpoint_info(dependant: Any) -> tuple[str, dict[str, Any]]:
+    """The endpoint's timing name and phase-span attributes (cached per dependant)."""
+    entry = _endpoint_infos.get(id(dependant))
     if entry is not None and entry[0] is dependant:
-        return entry[1]
+        return entry[1], entry[2]
+    call = dependant.call
+    name = getattr(call, "__qualname__", "endpoint")
     attrs = {
         "fastprof.phase": "endpoint",
-        "code.function.name": _CallInfo(dependant.call, "endpoint").code_name,
+        "code.function.name": _CallInfo(call, "endpoint").code_name,
     }
-    if len(_endpoint_attrs) >= _MAX_MIRRORS:
-        _endpoint_attrs.clear()
-    _endpoint_attrs[id(dependant)] = (dependant, attrs)
-    return attrs
+    if len(_endpoint_infos) >= _MAX_MIRRORS:
+        _endpoint_infos.clear()
+    _endpoint_infos[id(dependant)] = (dependant, name, attrs)
+    return name, attrs
 
 
 def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -723,35 +770,36 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
         span: Span | None = None
         token = None
         box: list[int] | None = None
+        box_token = None
+        name = "endpoint"
         submitted = time.perf_counter_ns()
         try:
-            ctx = otel_context.get_current()
+            name, attributes = _endpoint_info(dependant)
             if tracker.phases:
-                span = _phase_span(
-                    tracker, "fastprof.endpoint", ctx, submitted, _endpoint_attributes(dependant)
-                )
-                if span is not None:
-                    token = otel_context.attach(trace.set_span_in_context(span, ctx))
+                ctx = otel_context.get_current()
+                span = _phase_span(tracker, "fastprof.endpoint", ctx, submitted, attributes)
+                token = otel_context.attach(trace.set_span_in_context(span, ctx))
             if not is_coroutine:
                 dependant = _timed_endpoint(dependant)
                 box = []
+                # Read by _timed_endpoint in the worker thread (and by nothing else).
+                box_token = _started_ns.set(box)
         except Exception as exc:
             _internal_errors.report("dependencies.endpoint_start", exc)
         error: BaseException | None = None
-        box_token = _started_ns.set(box)  # read by _timed_endpoint in the worker thread
         try:
             return await original(dependant=dependant, values=values, is_coroutine=is_coroutine)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            _started_ns.reset(box_token)
             try:
+                if box_token is not None:
+                    _started_ns.reset(box_token)
                 if token is not None:
                     otel_context.detach(token)
                 end = time.perf_counter_ns()
                 wait_s = (box[0] - submitted) / 1e9 if box else 0.0
-                name = getattr(dependant.call, "__qualname__", "endpoint")
                 tracker.state.add_timing(
                     Timing(name, "endpoint", (end - submitted) / 1e9 - wait_s, wait_s)
                 )
@@ -799,11 +847,16 @@ def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
                 _record_error(span, exc)
             raise
         finally:
-            if span is not None:
-                span.end()
-            # For the slow-request log, with or without phase spans.
-            duration_s = (time.perf_counter_ns() - started) / 1e9
-            tracker.state.add_timing(Timing("serialization", "serialization", duration_s))
+            try:
+                end = time.perf_counter_ns()
+                if span is not None:
+                    span.end(end_time=end + tracker.epoch_offset)
+                # For the slow-request log, with or without phase spans.
+                tracker.state.add_timing(
+                    Timing("serialization", "serialization", (end - started) / 1e9)
+                )
+            except Exception as exc:
+                _internal_errors.report("dependencies.serialization_end", exc)
 
     @functools.wraps(original)
     def serialize_response(*args: Any, **kwargs: Any) -> Any:
@@ -819,8 +872,9 @@ def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
 # ------------------------------------------------------------------ running dependency code
 
 
-def _begin(tracker: _Tracker, info: _CallInfo) -> _Node | None:
-    """Start timing one run of a dependency (called by its wrapper)."""
+def _begin(tracker: _Tracker, info: _CallInfo, on_loop: bool) -> _Node | None:
+    """Start timing one run of a dependency (called by its wrapper): its span is
+    started if needed and attached as the current one."""
     try:
         node = tracker.pending
         if node is not None and node.info is info:
@@ -832,18 +886,20 @@ def _begin(tracker: _Tracker, info: _CallInfo) -> _Node | None:
             ctx = parent.ctx if parent is not None else otel_context.get_current()
             node = _Node(tracker, info, parent, ctx)
         node.called_ns = time.perf_counter_ns()
-        _ensure_span(node)
-        return node
+        if node.span is None and not node.dropped:
+            _ensure_span(node)
     except Exception as exc:
         _internal_errors.report("dependencies.begin", exc)
         return None
+    _attach(node, on_loop)
+    return node
 
 
 def _attach(node: _Node, on_loop: bool) -> None:
     try:
-        span = node.span
-        if span is not None:
-            node.token = otel_context.attach(_span_context(node, span))
+        ctx = node.span_ctx
+        if ctx is not None:
+            node.token = otel_context.attach(ctx)
         if on_loop and node.info is not None:
             state = node.tracker.state
             node.prev_operation = state.current_operation
@@ -852,35 +908,33 @@ def _attach(node: _Node, on_loop: bool) -> None:
         _internal_errors.report("dependencies.attach", exc)
 
 
-def _detach(node: _Node, on_loop: bool) -> None:
+def _end(node: _Node, on_loop: bool, error: BaseException | None, kind: str) -> None:
+    """End one run of dependency code: detach its span, record the timing, end the span."""
     try:
-        if node.token is not None:
-            token, node.token = node.token, None
+        token = node.token
+        if token is not None:
+            node.token = None
             otel_context.detach(token)
         if on_loop:
             node.tracker.state.current_operation = node.prev_operation
     except Exception as exc:
         _internal_errors.report("dependencies.detach", exc)
-
-
-def _finish(node: _Node, error: BaseException | None, kind: str = "dependency") -> None:
-    """End one run of dependency code: span, timing."""
     try:
         end = time.perf_counter_ns()
-        duration_s = (end - node.called_ns) / 1e9
-        wait_s = 0.0
         info = node.info
         assert info is not None
-        if not info.on_loop and node.ready_ns and kind == "dependency":
+        wait_s = 0.0
+        if not on_loop and node.ready_ns and kind == "dependency":
             wait_s = max(0, node.called_ns - node.ready_ns) / 1e9
-        node.tracker.state.add_timing(Timing(info.name, kind, duration_s, wait_s))
+        tracker = node.tracker
+        tracker.state.add_timing(Timing(info.name, kind, (end - node.called_ns) / 1e9, wait_s))
         span = node.span
         if span is not None:
             if wait_s:
                 span.set_attribute("fastprof.threadpool.wait_s", wait_s)
             if error is not None:
                 _record_error(span, error)
-            span.end(end_time=end + node.tracker.epoch_offset)
+            span.end(end_time=end + tracker.epoch_offset)
     except Exception as exc:
         _internal_errors.report("dependencies.end", exc)
 
@@ -895,44 +949,9 @@ def _record_error(span: Span, error: BaseException) -> None:
         span.set_status(Status(StatusCode.ERROR))
 
 
-async def _run_async(fn: Any, info: _CallInfo, args: Any, kwargs: Any) -> Any:
-    tracker = _active.get()
-    node = _begin(tracker, info) if tracker is not None else None
-    if node is None:
-        return await fn(*args, **kwargs)
-    _attach(node, True)
-    try:
-        result = await fn(*args, **kwargs)
-    except BaseException as exc:
-        _detach(node, True)
-        _finish(node, exc)
-        raise
-    _detach(node, True)
-    _finish(node, None)
-    return result
-
-
 def _call_in_worker(node: _Node, step: Callable[[], Any]) -> Any:
     hook = node.tracker.state.worker_hook
     return hook(step) if hook is not None else step()
-
-
-def _run_sync(fn: Any, info: _CallInfo, args: Any, kwargs: Any) -> Any:
-    tracker = _active.get()
-    node = _begin(tracker, info) if tracker is not None else None
-    if node is None:
-        return fn(*args, **kwargs)
-    _attach(node, False)
-    try:
-        hook = tracker.state.worker_hook  # type: ignore[union-attr]
-        result = hook(functools.partial(fn, *args, **kwargs)) if hook else fn(*args, **kwargs)
-    except BaseException as exc:
-        _detach(node, False)
-        _finish(node, exc)
-        raise
-    _detach(node, False)
-    _finish(node, None)
-    return result
 
 
 def _begin_teardown(setup: _Node | None) -> _Node | None:
@@ -947,7 +966,7 @@ def _begin_teardown(setup: _Node | None) -> _Node | None:
         if tracker.server_ctx is None:
             tracker.server_ctx = trace.set_span_in_context(tracker.state.span, setup.ctx)
         links = [Link(setup.span.get_span_context())] if setup.span is not None else None
-        node.span = _new_span(
+        span = node.span = _new_span(
             tracker,
             info.teardown_name,
             tracker.server_ctx,
@@ -955,6 +974,8 @@ def _begin_teardown(setup: _Node | None) -> _Node | None:
             info.teardown_attributes,
             links,
         )
+        if span is not None:
+            node.span_ctx = trace.set_span_in_context(span, node.ctx)
         return node
     except Exception as exc:
         _internal_errors.report("dependencies.teardown_begin", exc)
@@ -976,21 +997,17 @@ class _GenDriver:
 
     def start(self) -> Any:
         tracker = _active.get()
-        node = self.node = _begin(tracker, self.info) if tracker is not None else None
-        if node is not None:
-            _attach(node, False)
+        node = self.node = _begin(tracker, self.info, False) if tracker is not None else None
         try:
             value = self._step(node, self.gen.__next__)
         except StopIteration:
             value = _STOP
         except BaseException as exc:
             if node is not None:
-                _detach(node, False)
-                _finish(node, exc)
+                _end(node, False, exc, "dependency")
             raise
         if node is not None:
-            _detach(node, False)
-            _finish(node, None)
+            _end(node, False, None, "dependency")
         return value
 
     def send(self, sent: Any) -> Any:
@@ -1012,12 +1029,10 @@ class _GenDriver:
             value = _STOP
         except BaseException as exc:
             if node is not None:
-                _detach(node, False)
-                _finish(node, None if exc is thrown else exc, "teardown")
+                _end(node, False, None if exc is thrown else exc, "teardown")
             raise
         if node is not None:
-            _detach(node, False)
-            _finish(node, None, "teardown")
+            _end(node, False, None, "teardown")
         return value
 
 
@@ -1033,21 +1048,17 @@ class _AsyncGenDriver:
 
     async def start(self) -> Any:
         tracker = _active.get()
-        node = self.node = _begin(tracker, self.info) if tracker is not None else None
-        if node is not None:
-            _attach(node, True)
+        node = self.node = _begin(tracker, self.info, True) if tracker is not None else None
         try:
             value = await self.agen.__anext__()
         except StopAsyncIteration:
             value = _STOP
         except BaseException as exc:
             if node is not None:
-                _detach(node, True)
-                _finish(node, exc)
+                _end(node, True, exc, "dependency")
             raise
         if node is not None:
-            _detach(node, True)
-            _finish(node, None)
+            _end(node, True, None, "dependency")
         return value
 
     async def send(self, sent: Any) -> Any:
@@ -1069,12 +1080,10 @@ class _AsyncGenDriver:
             value = _STOP
         except BaseException as exc:
             if node is not None:
-                _detach(node, True)
-                _finish(node, None if exc is thrown else exc, "teardown")
+                _end(node, True, None if exc is thrown else exc, "teardown")
             raise
         if node is not None:
-            _detach(node, True)
-            _finish(node, None, "teardown")
+            _end(node, True, None, "teardown")
         return value
 
 
