@@ -52,7 +52,13 @@ from starlette.types import Scope
 from fastprof import _internal_errors
 from fastprof._context import RequestState, Timing
 from fastprof._options import check_int
-from fastprof._otel import error_type, fastprof_tracer
+from fastprof._otel import (
+    attach_context,
+    current_context,
+    detach_context,
+    error_type,
+    fastprof_tracer,
+)
 from fastprof.middleware import RequestHooks
 
 __all__ = ["DEFAULT_MAX_SPANS", "DependencySpans"]
@@ -645,7 +651,7 @@ def _enter_solve(
         _settle_pending(tracker)
     if parent is None:  # the root: the endpoint (or router) being solved
         mirror = _mirror_of(dependant, tracker.marked_only, root=True)
-        ctx = otel_context.get_current()
+        ctx = current_context()
         node = _Node(tracker, None, None, ctx)
         # FastAPI's native telemetry makes its ``fastapi.dependencies`` span current
         # here; without it the request span is current and fastprof adds phases.
@@ -776,7 +782,7 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
         try:
             name, attributes = _endpoint_info(dependant)
             if tracker.phases:
-                ctx = otel_context.get_current()
+                ctx = current_context()
                 span = _phase_span(tracker, "fastprof.endpoint", ctx, submitted, attributes)
                 token = otel_context.attach(trace.set_span_in_context(span, ctx))
             if not is_coroutine:
@@ -834,7 +840,7 @@ def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
                 span = _phase_span(
                     tracker,
                     "fastprof.serialization",
-                    otel_context.get_current(),
+                    current_context(),
                     started,
                     _SERIALIZATION_PHASE,
                 )
@@ -883,7 +889,7 @@ def _begin(tracker: _Tracker, info: _CallInfo, on_loop: bool) -> _Node | None:
             if node is not None:
                 _settle_pending(tracker)
             parent = tracker.current
-            ctx = parent.ctx if parent is not None else otel_context.get_current()
+            ctx = parent.ctx if parent is not None else current_context()
             node = _Node(tracker, info, parent, ctx)
         node.called_ns = time.perf_counter_ns()
         if node.span is None and not node.dropped:
@@ -899,7 +905,7 @@ def _attach(node: _Node, on_loop: bool) -> None:
     try:
         ctx = node.span_ctx
         if ctx is not None:
-            node.token = otel_context.attach(ctx)
+            node.token = attach_context(ctx)
         if on_loop and node.info is not None:
             state = node.tracker.state
             node.prev_operation = state.current_operation
@@ -914,7 +920,10 @@ def _end(node: _Node, on_loop: bool, error: BaseException | None, kind: str) -> 
         token = node.token
         if token is not None:
             node.token = None
-            otel_context.detach(token)
+            try:
+                detach_context(token)
+            except Exception as exc:  # a token from another context: report, go on
+                _internal_errors.report("dependencies.detach", exc)
         if on_loop:
             node.tracker.state.current_operation = node.prev_operation
     except Exception as exc:
