@@ -1,0 +1,129 @@
+"""Profiling internals that the end-to-end tests only cover indirectly."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import hmac
+import json
+import os
+
+import pytest
+from pyinstrument.session import Session
+
+from fastprof.profiling import _capture, _documents
+from fastprof.profiling._tokens import _sign, _Signer
+
+APP = "/srv/app/handlers.py"
+LIB = os.path.join(os.path.dirname(json.__file__), "decoder.py")
+
+
+def _frame(function: str, path: str, line: int, attrs: str = "") -> str:
+    return f"{function}\x00{path}\x00{line}{attrs}"
+
+
+def _session(records: list[tuple[list[str], float]], start: list[str]) -> Session:
+    return Session(
+        frame_records=records,
+        start_time=1_700_000_000.0,
+        duration=sum(d for _, d in records),
+        min_interval=0.001,
+        max_interval=0.001,
+        sample_count=len(records),
+        start_call_stack=start,
+        target_description="test",
+        cpu_time=0.01,
+        sys_path=["/srv/app"],
+        sys_prefixes=["/usr"],
+    )
+
+
+@pytest.mark.parametrize("length", [32, 63, 64, 65, 200])
+def test_signer_matches_hmac_sha256(length: int) -> None:
+    secret = os.urandom(length)
+    for payload in ("", "v1.1700000000.AAAAAAAAAAAAAAAAAAAAAA.", "x" * 300):
+        expected = hmac.new(secret, payload.encode(), hashlib.sha256).digest()
+        assert _Signer(secret).sign(payload) == _sign(secret, payload)
+        assert _sign(secret, payload) == _documents_b64(expected)
+
+
+def _documents_b64(digest: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _sample_session() -> Session:
+    root = [_frame("MainThread", "<thread>", 1), _frame("run", LIB, 10, "\x01l5")]
+    a = [*root, _frame("handler", APP, 20, "\x01cView"), _frame("loads", LIB, 30)]
+    b = [*root, _frame("handler", APP, 21)]
+    return _session([(a, 0.001), (list(a), 0.002), (b, 0.0015), (a, 0.001)], root)
+
+
+def test_document_roundtrip_keeps_every_sample() -> None:
+    session = _sample_session()
+    document = _documents.encode(session, {"profile_id": "a" * 32})
+    meta, decoded = _documents.decode(document)
+    assert meta == {"profile_id": "a" * 32}
+    assert [(list(s), d) for s, d in decoded.frame_records] == [
+        (list(s), d) for s, d in session.frame_records
+    ]
+    assert decoded.start_call_stack == session.start_call_stack
+    assert decoded.sample_count == session.sample_count
+    assert decoded.duration == session.duration
+    body = json.loads(gzip.decompress(document))
+    assert body["format"] == 2
+    assert len(body["frames"]) == 5  # each distinct frame string once
+    assert len(body["stacks"]) == 2  # each distinct stack once
+    for fmt in _documents.FORMATS:
+        assert _documents.render(document, fmt)
+
+
+def test_format_1_documents_are_still_read() -> None:
+    session = _sample_session()
+    old = gzip.compress(
+        json.dumps({"fastprof": {"profile_id": "b" * 32}, "session": session.to_json()}).encode()
+    )
+    meta, decoded = _documents.decode(old)
+    assert meta["profile_id"] == "b" * 32
+    assert [list(s) for s, _ in decoded.frame_records] == [
+        list(s) for s, _ in session.frame_records
+    ]
+
+
+def test_malformed_format_2_document_is_a_value_error() -> None:
+    body = {"fastprof": {}, "format": 2, "session": {}, "frames": [], "stacks": [[3]]}
+    body.update(start_stack=[], samples=[0], durations=[0.1])
+    with pytest.raises(ValueError):
+        _documents.decode(gzip.compress(json.dumps(body).encode()))
+
+
+def test_hot_frames_charges_app_lines_awaits_and_out_of_context() -> None:
+    root = [_frame("MainThread", "<thread>", 1)]
+    loop = _frame(
+        "_run_once", os.path.join(os.path.dirname(asyncio.__file__), "base_events.py"), 1900
+    )
+    records = [
+        ([*root, _frame("handler", APP, 20), _frame("loads", LIB, 30)], 0.003),
+        ([*root, _frame("handler", APP, 20, "\x01cView")], 0.001),
+        ([*root, _frame("waiter", LIB, 7), "[await]"], 0.002),
+        ([*root, loop], 0.0005),
+        ([*root, _frame("waiter", LIB, 7), "[out-of-context]"], 0.0005),
+        ([], 1.0),
+    ]
+    for _ in range(2):  # the second pass reads the per-frame cache
+        top = _capture.hot_frames(_session(records, root), 10)
+        assert top == [
+            ("handler", "app/handlers.py:20", 0.004),
+            ("waiter [await]", "json/decoder.py:7", 0.002),
+            ("[out-of-context]", "", 0.001),
+        ]
+
+
+def test_hot_frames_cache_is_bounded(monkeypatch) -> None:
+    monkeypatch.setattr(_capture, "_FRAME_CACHE_MAX", 4)
+    monkeypatch.setattr(_capture, "_FRAME_CACHE", {})
+    records = [([_frame(f"f{i}", APP, i)], 0.001) for i in range(10)]
+    _capture.hot_frames(_session(records, []), 3)
+    assert len(_capture._FRAME_CACHE) <= 4
