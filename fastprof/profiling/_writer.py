@@ -4,6 +4,11 @@ Encoding (JSON + gzip) and storing happen here, never on the event loop and
 never on anyio's default thread limiter. When the queue is full the job is
 dropped and counted. The thread starts lazily on the first job and is started
 again in a forked child.
+
+The queue is a C ``queue.SimpleQueue`` plus a counter of waiting jobs under a
+lock: :meth:`Writer.submit` runs on the event loop once per profile, and
+``queue.Queue`` (pure Python, a condition variable per put) costs several
+times more there.
 """
 
 from __future__ import annotations
@@ -17,10 +22,15 @@ from fastprof import _internal_errors
 
 __all__ = ["Writer"]
 
+_Item = Callable[[], None] | threading.Event | None
+
 
 class Writer:
     def __init__(self, max_queue: int) -> None:
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max_queue)
+        self._max = max_queue
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._waiting = 0  # jobs queued and not yet taken by the thread
+        self._waiting_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -30,23 +40,27 @@ class Writer:
     def submit(self, job: Callable[[], None]) -> bool:
         """Queue ``job``; ``False`` (and counted) if the queue is full."""
         self._ensure_thread()
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            self.dropped += 1
-            return False
+        with self._waiting_lock:
+            if self._waiting >= self._max:
+                self.dropped += 1
+                return False
+            self._waiting += 1
+        self._queue.put(job)
         return True
 
     def _ensure_thread(self) -> None:
-        pid = os.getpid()
-        if self._thread is not None and self._pid == pid and self._thread.is_alive():
+        thread = self._thread
+        if thread is not None and self._pid == os.getpid() and thread.is_alive():
             return
         with self._lock:
+            pid = os.getpid()
             if self._thread is not None and self._pid == pid and self._thread.is_alive():
                 return
             if self._pid != pid:
                 # A forked child inherits the queue object but not the thread.
-                self._queue = queue.Queue(maxsize=self._queue.maxsize)
+                self._queue = queue.SimpleQueue()
+                self._waiting = 0
+                self._waiting_lock = threading.Lock()
             self._pid = pid
             self._thread = threading.Thread(
                 target=self._run, name="fastprof-profile-writer", daemon=True
@@ -56,37 +70,30 @@ class Writer:
     def _run(self) -> None:
         q = self._queue
         while True:
-            job = q.get()
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):  # a flush() marker
+                item.set()
+                continue
+            with self._waiting_lock:
+                self._waiting -= 1
             try:
-                if job is None:
-                    return
-                job()
+                item()
             except Exception as exc:
                 self.failed += 1
                 _internal_errors.report("profile.write", exc)
-            finally:
-                q.task_done()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until queued jobs are done (for tests and shutdown); ``True`` if they are."""
         done = threading.Event()
-
-        def mark() -> None:
-            done.set()
-
         self._ensure_thread()
-        try:
-            self._queue.put(mark, timeout=timeout)
-        except queue.Full:
-            return False
+        self._queue.put(done)
         return done.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         thread = self._thread
         if thread is None or not thread.is_alive() or self._pid != os.getpid():
             return
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            return
+        self._queue.put(None)
         thread.join(timeout)
