@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import os
+import threading
 
 import pytest
 from pyinstrument.session import Session
@@ -127,3 +128,49 @@ def test_hot_frames_cache_is_bounded(monkeypatch) -> None:
     records = [([_frame(f"f{i}", APP, i)], 0.001) for i in range(10)]
     _capture.hot_frames(_session(records, []), 3)
     assert len(_capture._FRAME_CACHE) <= 4
+
+
+def test_large_documents_are_compressed_small_ones_stored() -> None:
+    small = _documents.encode(_sample_session(), {})
+    assert gzip.decompress(small)  # a gzip stream either way
+    root = [_frame("MainThread", "<thread>", 1)]
+    records = [([*root, _frame(f"f{i}", APP, i)], 0.001) for i in range(400)]
+    large = _documents.encode(_session(records, root), {})
+    assert len(large) < len(gzip.decompress(large)) // 2
+    assert len(small) > len(gzip.decompress(small))
+    _, decoded = _documents.decode(large)
+    assert decoded.sample_count == 400
+
+
+def test_writer_bounds_waiting_jobs_and_flushes() -> None:
+    from fastprof.profiling._writer import Writer
+
+    writer = Writer(2)
+    gate = threading.Event()
+    started = threading.Event()
+    done: list[int] = []
+
+    def blocking() -> None:
+        started.set()
+        gate.wait(5)
+        done.append(0)
+
+    assert writer.submit(blocking)
+    assert started.wait(5)  # taken by the thread: no longer waiting
+    assert writer.submit(lambda: done.append(1))
+    assert writer.submit(lambda: done.append(2))
+    assert not writer.submit(lambda: done.append(3))  # two already waiting
+    assert writer.dropped == 1
+    assert not writer.flush(0.05)
+    gate.set()
+    assert writer.flush(5)
+    assert done == [0, 1, 2]
+
+    def failing() -> None:
+        raise RuntimeError("boom")
+
+    assert writer.submit(failing)
+    assert writer.flush(5)
+    assert writer.failed == 1
+    writer.close(5)
+    assert writer._thread is not None and not writer._thread.is_alive()

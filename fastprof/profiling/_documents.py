@@ -45,6 +45,10 @@ MEDIA: Final[dict[str, tuple[str, str]]] = {
 }
 
 
+#: Documents up to this size (uncompressed JSON) are not compressed.
+_COMPRESS_ABOVE: Final = 8 * 1024
+
+
 def encode(session: Session, meta: dict[str, Any]) -> bytes:
     """The format 2 document of ``session`` (CPU-bound: fastprof's writer thread calls it)."""
     frame_index: dict[str, int] = {}
@@ -74,9 +78,13 @@ def encode(session: Session, meta: dict[str, Any]) -> bytes:
         "samples": samples,
         "durations": durations,
     }
-    text = json.dumps(document, separators=(",", ":"))
-    # wbits=31: a gzip stream (header with mtime 0), in one call.
-    return zlib.compress(text.encode("utf-8"), level=1, wbits=31)
+    raw = json.dumps(document, separators=(",", ":")).encode("utf-8")
+    # wbits=31: a gzip stream (header with mtime 0), in one call. A small
+    # document (a profile of a few samples) is stored uncompressed in that
+    # stream: compressing it would save a few KiB at several times the cost
+    # of everything else done to encode it.
+    level = 1 if len(raw) > _COMPRESS_ABOVE else 0
+    return zlib.compress(raw, level=level, wbits=31)
 
 
 def decode(document: bytes, max_bytes: int = 512 * 1024 * 1024) -> tuple[dict[str, Any], Session]:
