@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import hmac
+import io
 import json
 import os
 import threading
@@ -174,3 +175,12 @@ def test_writer_bounds_waiting_jobs_and_flushes() -> None:
     assert writer.failed == 1
     writer.close(5)
     assert writer._thread is not None and not writer._thread.is_alive()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 5000, 65535, 65536, 200_000])
+def test_stored_gzip_stream_is_valid_gzip(size: int) -> None:
+    data = os.urandom(size)
+    stream = _documents._gzip_stored(data)
+    assert gzip.decompress(stream) == data
+    with gzip.GzipFile(fileobj=io.BytesIO(stream)) as f:
+        assert f.read() == data

@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import struct
 import zlib
 from typing import Any, Final, Literal
 
@@ -79,12 +80,42 @@ def encode(session: Session, meta: dict[str, Any]) -> bytes:
         "durations": durations,
     }
     raw = json.dumps(document, separators=(",", ":")).encode("utf-8")
-    # wbits=31: a gzip stream (header with mtime 0), in one call. A small
-    # document (a profile of a few samples) is stored uncompressed in that
-    # stream: compressing it would save a few KiB at several times the cost
-    # of everything else done to encode it.
-    level = 1 if len(raw) > _COMPRESS_ABOVE else 0
-    return zlib.compress(raw, level=level, wbits=31)
+    if len(raw) <= _COMPRESS_ABOVE:
+        return _gzip_stored(raw)
+    # wbits=31: a gzip stream (header with mtime 0), in one call.
+    return zlib.compress(raw, level=1, wbits=31)
+
+
+#: gzip member header: deflate, no flags, mtime 0, no extra flags, OS unknown.
+_GZIP_HEADER: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+_CRC_CHUNK: Final = 4096  # zlib.crc32 keeps the GIL up to 5 KiB
+
+
+def _gzip_stored(data: bytes) -> bytes:
+    """``data`` as a gzip stream of stored (uncompressed) deflate blocks.
+
+    For small documents: compressing a few KiB would cost several times the
+    rest of the encoding, and zlib releases the GIL around each call, so the
+    writer thread would have to win the GIL back from the event loop once more
+    per profile. This builds the same valid stream (RFC 1952/1951) without
+    letting go of the GIL.
+    """
+    crc = 0
+    for i in range(0, len(data), _CRC_CHUNK):
+        crc = zlib.crc32(data[i : i + _CRC_CHUNK], crc)
+    parts = [_GZIP_HEADER]
+    size = len(data)
+    offset = 0
+    while True:
+        block = data[offset : offset + 0xFFFF]
+        offset += len(block)
+        final = offset >= size
+        parts.append(struct.pack("<BHH", final, len(block), len(block) ^ 0xFFFF))
+        parts.append(block)
+        if final:
+            break
+    parts.append(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
+    return b"".join(parts)
 
 
 def decode(document: bytes, max_bytes: int = 512 * 1024 * 1024) -> tuple[dict[str, Any], Session]:
