@@ -184,3 +184,16 @@ def test_stored_gzip_stream_is_valid_gzip(size: int) -> None:
     assert gzip.decompress(stream) == data
     with gzip.GzipFile(fileobj=io.BytesIO(stream)) as f:
         assert f.read() == data
+
+
+def test_profile_ids_are_unique_hex_and_differ_after_fork(monkeypatch) -> None:
+    from fastprof.profiling._profiling import _ProfileIds
+    from fastprof.profiling.stores import valid_profile_id
+
+    ids = _ProfileIds()
+    first = [ids.new() for _ in range(1000)]
+    assert len(set(first)) == 1000
+    assert all(valid_profile_id(i) for i in first)
+    assert _ProfileIds().new() != first[0]  # another key
+    monkeypatch.setattr(os, "getpid", lambda: -7)  # as in a forked child: new key
+    assert ids.new() not in first
