@@ -197,3 +197,19 @@ def test_profile_ids_are_unique_hex_and_differ_after_fork(monkeypatch) -> None:
     assert _ProfileIds().new() != first[0]  # another key
     monkeypatch.setattr(os, "getpid", lambda: -7)  # as in a forked child: new key
     assert ids.new() not in first
+
+
+def test_writer_pause_between_batches_is_cut_short_by_flush_and_close(monkeypatch) -> None:
+    from fastprof.profiling._writer import Writer
+
+    monkeypatch.setattr(Writer, "GATHER_S", 30.0)
+    writer = Writer(8)
+    done: list[int] = []
+    assert writer.submit(lambda: done.append(1))
+    assert writer.flush(5)  # processed, then the writer pauses
+    assert writer.submit(lambda: done.append(2))
+    assert writer.submit(lambda: done.append(3))
+    assert writer.flush(5)  # does not wait for the pause to end
+    assert done == [1, 2, 3]
+    writer.close(5)
+    assert writer._thread is not None and not writer._thread.is_alive()
