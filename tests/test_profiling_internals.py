@@ -213,3 +213,10 @@ def test_writer_pause_between_batches_is_cut_short_by_flush_and_close(monkeypatc
     assert done == [1, 2, 3]
     writer.close(5)
     assert writer._thread is not None and not writer._thread.is_alive()
+
+
+def test_embedded_documents_are_always_compressed() -> None:
+    stored = _documents.encode(_sample_session(), {})
+    embedded = _documents.encode(_sample_session(), {}, always_compress=True)
+    assert gzip.decompress(embedded) == gzip.decompress(stored)
+    assert len(embedded) < len(stored)

@@ -1,6 +1,6 @@
 """The stored form of a profile and the formats it renders to.
 
-A *document* is gzip-compressed JSON. Format 2 (written since 0.x) stores every
+A *document* is gzip-compressed JSON. Format 2 (what fastprof writes) stores every
 distinct frame string and every distinct stack once::
 
     {"fastprof": {...metadata...},
@@ -50,8 +50,12 @@ MEDIA: Final[dict[str, tuple[str, str]]] = {
 _COMPRESS_ABOVE: Final = 8 * 1024
 
 
-def encode(session: Session, meta: dict[str, Any]) -> bytes:
-    """The format 2 document of ``session`` (CPU-bound: fastprof's writer thread calls it)."""
+def encode(session: Session, meta: dict[str, Any], *, always_compress: bool = False) -> bytes:
+    """The format 2 document of ``session`` (CPU-bound: fastprof's writer thread calls it).
+
+    Documents of at most 8 KiB are stored uncompressed in the gzip stream unless
+    ``always_compress`` (for the copy embedded in the span, where size counts).
+    """
     frame_index: dict[str, int] = {}
     stack_index: dict[tuple[str, ...], int] = {}
     stacks: list[list[int]] = []
@@ -80,7 +84,7 @@ def encode(session: Session, meta: dict[str, Any]) -> bytes:
         "durations": durations,
     }
     raw = json.dumps(document, separators=(",", ":")).encode("utf-8")
-    if len(raw) <= _COMPRESS_ABOVE:
+    if len(raw) <= _COMPRESS_ABOVE and not always_compress:
         return _gzip_stored(raw)
     # wbits=31: a gzip stream (header with mtime 0), in one call.
     return zlib.compress(raw, level=1, wbits=31)

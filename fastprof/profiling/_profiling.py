@@ -355,7 +355,7 @@ class Profiling(RequestHooks):
         document: bytes | None = None
         attrs: dict[str, Any] = {}
         if self._embed_max_bytes and recording:
-            document = _documents.encode(session, meta.to_dict())
+            document = _documents.encode(session, meta.to_dict(), always_compress=True)
             encoded = base64.b64encode(document)
             if len(encoded) <= self._embed_max_bytes:
                 attrs["fastprof.profile.data"] = encoded.decode("ascii")
