@@ -19,16 +19,17 @@ twice: as an ``[await]`` in the caller and in detail under the worker frame.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from pyinstrument import Profiler
 from pyinstrument.frame_info import frame_info_get_identifier
 from pyinstrument.session import Session
-from pyinstrument.stack_sampler import build_call_stack
 
 from fastprof import _internal_errors
 from fastprof._frames import is_library
@@ -39,6 +40,12 @@ __all__ = ["MAX_WORKER_CALLS", "MAX_WORKER_SAMPLES", "ProfileCapture", "hot_fram
 MAX_WORKER_CALLS = 256
 #: At most this many worker-thread samples in total are merged into one profile.
 MAX_WORKER_SAMPLES = 200_000
+
+_active_profiler: ContextVar[object | None] | None
+try:
+    from pyinstrument.stack_sampler import active_profiler_context_var as _active_profiler
+except ImportError:  # pragma: no cover - pyinstrument internals moved
+    _active_profiler = None
 
 _tls = threading.local()
 _SYNTHETIC = frozenset({"[await]", "[self]", "[out-of-context]", "[root]"})
@@ -52,16 +59,14 @@ def _clear_stale_async_profiler() -> None:
     task (a streaming response's child task, the duration-cap timer), the mark
     stays in the request task's context; clear it if its profiler is stopped.
     """
-    try:
-        from pyinstrument.stack_sampler import active_profiler_context_var
-    except ImportError:  # pragma: no cover - pyinstrument internals moved
+    if _active_profiler is None:  # pragma: no cover
         return
-    target = active_profiler_context_var.get()
+    target = _active_profiler.get()
     if target is None:
         return
     owner = getattr(target, "__self__", None)
     if isinstance(owner, Profiler) and not owner.is_running:
-        active_profiler_context_var.set(None)
+        _active_profiler.set(None)
 
 
 def _callable_name(fn: Callable[..., Any]) -> str:
@@ -89,23 +94,21 @@ class ProfileCapture:
         self.started_at = time.time()
         self._on_done = on_done
         self._profiler = Profiler(interval=interval_s, async_mode="strict")
-        self._worker_records: list[tuple[list[str], float]] = []
+        # Worker-thread samples: (worker frame, stack below the hook, duration).
+        # Grafted under the request's start stack when the profile stops.
+        self._worker_records: list[tuple[str, list[str], float]] = []
         self._worker_calls = 0
         self._worker_dropped = 0
         self._lock = threading.Lock()
         self._stopped = False
         self._cap_handle: Any = None
-        self._start_stack: list[str] = []
 
     # -- request task --------------------------------------------------------
 
     def start(self, caller_frame: Any, max_duration_s: float) -> None:
         _clear_stale_async_profiler()
-        self._start_stack = build_call_stack(caller_frame, "initial", None)
         self._profiler.start(caller_frame=caller_frame, target_description="fastprof request")
         try:
-            import asyncio
-
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not on asyncio (trio): no duration-cap timer
             return
@@ -133,8 +136,14 @@ class ProfileCapture:
                 worker_records = self._worker_records
                 self._worker_records = []
             if worker_records:
+                # The session's start stack is the request's: graft each worker
+                # call under it (computed here, once, not on every start).
+                root = session.start_call_stack
+                grafted = [
+                    ([*root, frame, *stack], duration) for frame, stack, duration in worker_records
+                ]
                 session = Session(
-                    frame_records=session.frame_records + worker_records,
+                    frame_records=session.frame_records + grafted,
                     start_time=session.start_time,
                     duration=session.duration,
                     min_interval=session.min_interval,
@@ -198,12 +207,13 @@ class ProfileCapture:
 
     def _merge_worker(self, worker: Session, name: str) -> None:
         # Worker stacks start at the thread's bootstrap and go through this hook;
-        # keep what is below the hook and graft it under the request's start frame.
+        # keep what is below the hook (grafted under the request's start frame
+        # by stop()).
         prefix_len = len(worker.start_call_stack)
-        graft_root = [*self._start_stack, f"{name} [worker thread]\x00<worker thread>\x000"]
-        records: list[tuple[list[str], float]] = []
-        for stack, duration in worker.frame_records:
-            records.append((graft_root + stack[prefix_len:], duration))
+        frame = f"{name} [worker thread]\x00<worker thread>\x000"
+        records = [
+            (frame, stack[prefix_len:], duration) for stack, duration in worker.frame_records
+        ]
         with self._lock:
             if self._stopped:
                 return
@@ -217,32 +227,33 @@ class ProfileCapture:
 def hot_frames(session: Session, limit: int) -> list[tuple[str, str, float]]:
     """The ``limit`` frames with the most self time: ``(function, "file:line", seconds)``.
 
-    A single pass over the samples (leaf frame of each), cheap enough to run on
-    the event loop when the request ends.
+    A single pass over the samples, cheap enough to run on the event loop when
+    the request ends: what each distinct frame string is (application code or
+    not, its identifier) is worked out once per process, not once per sample.
     """
     totals: dict[str, float] = {}
+    cache = _FRAME_CACHE
     for stack, duration in session.frame_records:
         if not stack:
             continue
-        app_frame = _innermost_app_frame(stack)
-        if app_frame is not None:
-            # Charge the line of the application's own code that was running
-            # (including the library calls it made): "which line inside it".
-            totals[app_frame] = totals.get(app_frame, 0.0) + duration
-            continue
-        leaf = frame_info_get_identifier(stack[-1])
-        if leaf == "[out-of-context]" or _is_loop_frame(leaf):
-            # The request's task was suspended and other work ran: say so,
-            # rather than naming the event loop's outermost frame.
-            key = "[out-of-context]"
-            totals[key] = totals.get(key, 0.0) + duration
-            continue
-        if leaf in _SYNTHETIC:
-            # "[await]" etc.: charge the frame that awaited, marked as such.
-            if len(stack) < 2:
-                continue
-            leaf = frame_info_get_identifier(stack[-2]) + "\x00" + leaf
-        totals[leaf] = totals.get(leaf, 0.0) + duration
+        key: str | None = None
+        for raw in reversed(stack):
+            info = cache.get(raw) or _frame_info(raw)
+            if info[1]:
+                # Charge the line of the application's own code that was running
+                # (including the library calls it made): "which line inside it".
+                key = info[0]
+                break
+        if key is None:
+            leaf = cache.get(stack[-1]) or _frame_info(stack[-1])
+            key = leaf[2]
+            if key is None:
+                # "[await]" etc.: charge the frame that awaited, marked as such.
+                if len(stack) < 2:
+                    continue
+                caller = cache.get(stack[-2]) or _frame_info(stack[-2])
+                key = caller[0] + "\x00" + leaf[0]
+        totals[key] = totals.get(key, 0.0) + duration
     top = sorted(totals.items(), key=lambda item: item[1], reverse=True)[:limit]
     out: list[tuple[str, str, float]] = []
     for identifier, seconds in top:
@@ -257,23 +268,37 @@ def hot_frames(session: Session, limit: int) -> list[tuple[str, str, float]]:
     return out
 
 
+#: pyinstrument frame string -> (identifier, is application code, key when it is
+#: the leaf of a sample without application code; None: synthetic, see caller).
+#: Frame strings repeat across samples and profiles. Bounded: cleared when full.
+_FRAME_CACHE: dict[str, tuple[str, bool, str | None]] = {}
+_FRAME_CACHE_MAX = 8192
 _LOOP_FILES = ("asyncio/runners.py", "asyncio/base_events.py", "asyncio/events.py")
 
 
-def _is_loop_frame(identifier: str) -> bool:
-    """A sample that stops in the event loop itself: the request's task was suspended."""
+def _frame_info(raw: str) -> tuple[str, bool, str | None]:
+    identifier = frame_info_get_identifier(raw)
     parts = identifier.split("\x00")
-    path = parts[1].replace("\\", "/") if len(parts) > 1 else ""
+    path = parts[1] if len(parts) > 1 else ""
+    is_app = bool(path) and not is_library(path)
+    leaf_key: str | None = identifier
+    if identifier == "[out-of-context]" or _is_loop_path(path):
+        # The request's task was suspended and other work ran: say so, rather
+        # than naming the event loop's outermost frame.
+        leaf_key = "[out-of-context]"
+    elif identifier in _SYNTHETIC:
+        leaf_key = None
+    info = (identifier, is_app, leaf_key)
+    if len(_FRAME_CACHE) >= _FRAME_CACHE_MAX:
+        _FRAME_CACHE.clear()
+    _FRAME_CACHE[raw] = info
+    return info
+
+
+def _is_loop_path(path: str) -> bool:
+    """A frame of the event loop itself: the request's task was suspended."""
+    path = path.replace("\\", "/")
     return path.endswith(_LOOP_FILES) or "/uvloop/" in path
-
-
-def _innermost_app_frame(stack: Any) -> str | None:
-    for frame in reversed(stack):
-        identifier = frame_info_get_identifier(frame)
-        parts = identifier.split("\x00")
-        if len(parts) > 1 and parts[1] and not is_library(parts[1]):
-            return identifier
-    return None
 
 
 def _short_path(path: str) -> str:

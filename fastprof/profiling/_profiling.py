@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import inspect
+import itertools
 import logging
 import os
 import random
@@ -34,6 +36,30 @@ logger = logging.getLogger("fastprof.profiling")
 _EXTRA_KEY: Final = "fastprof.profile"
 _QUERY_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 MAX_DURATION_CAP_S: Final = 300.0
+
+
+class _ProfileIds:
+    """Profile ids: 128 bits of keyed BLAKE2b over a counter, as 32 hex characters.
+
+    Unpredictable without the per-process key (from ``os.urandom``, drawn again
+    in a forked child), and no system call per id: ``os.urandom`` releases the
+    GIL, which in the middle of a request hands it to any thread waiting for it
+    (the profile writer, typically) and makes the request wait to get it back.
+    """
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._key = b""
+        self._counter = itertools.count()
+
+    def new(self) -> str:
+        pid = os.getpid()
+        if pid != self._pid:
+            self._key = os.urandom(32)
+            self._counter = itertools.count()
+            self._pid = pid
+        n = next(self._counter)
+        return hashlib.blake2b(n.to_bytes(8, "little"), key=self._key, digest_size=16).hexdigest()
 
 
 class Profiling(RequestHooks):
@@ -169,6 +195,7 @@ class Profiling(RequestHooks):
         self._top_frames = top_frames
         self._embed_max_bytes = embed_max_bytes
         self._writer = Writer(writer_queue_size)
+        self._ids = _ProfileIds()
         self._counts_lock = threading.Lock()
         self._counts: dict[str, int] = {}
 
@@ -273,7 +300,7 @@ class Profiling(RequestHooks):
                 state.span.set_attribute("fastprof.profile.skipped", reason)
             return
         capture = ProfileCapture(
-            os.urandom(16).hex(), trigger=trigger, interval_s=self.interval_s, on_done=self._done
+            self._ids.new(), trigger=trigger, interval_s=self.interval_s, on_done=self._done
         )
         try:
             capture.start(inspect.currentframe().f_back, self.max_duration_s)  # type: ignore[union-attr]
@@ -328,7 +355,7 @@ class Profiling(RequestHooks):
         document: bytes | None = None
         attrs: dict[str, Any] = {}
         if self._embed_max_bytes and recording:
-            document = _documents.encode(session, meta.to_dict())
+            document = _documents.encode(session, meta.to_dict(), always_compress=True)
             encoded = base64.b64encode(document)
             if len(encoded) <= self._embed_max_bytes:
                 attrs["fastprof.profile.data"] = encoded.decode("ascii")

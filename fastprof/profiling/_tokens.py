@@ -81,7 +81,31 @@ def normalize_secrets(
 
 
 def _sign(secret: bytes, payload: str) -> str:
-    return _b64(hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest())
+    return _b64(hmac.digest(secret, payload.encode("ascii"), "sha256"))
+
+
+class _Signer:
+    """HMAC-SHA256 with one secret, its keyed inner and outer hash states computed once.
+
+    The same value as :func:`_sign` (RFC 2104), for about a third of the cost per
+    token: no key setup, just two copies of precomputed SHA-256 states.
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) > 64:  # longer than SHA-256's block: hashed first
+            secret = hashlib.sha256(secret).digest()
+        key = secret.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def sign(self, payload: str) -> str:
+        inner = self._inner.copy()
+        inner.update(payload.encode("ascii"))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return _b64(outer.digest())
 
 
 def mint_token(
@@ -174,7 +198,7 @@ class TokenVerifier:
         replay_cache: ReplayCache,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._secrets = secrets
+        self._signers = tuple(_Signer(secret) for secret in secrets)
         self._max_ttl_s = max_ttl_s
         self._replay = replay_cache
         self._clock = clock
@@ -209,9 +233,9 @@ class TokenVerifier:
         payload = token[: -(_SIG_LENGTH + 1)]
         sig_bytes = sig.encode("ascii")
         valid = False
-        for secret in self._secrets:
+        for signer in self._signers:
             # Check every secret, so timing does not say which one matched.
-            valid |= hmac.compare_digest(_sign(secret, payload).encode("ascii"), sig_bytes)
+            valid |= hmac.compare_digest(signer.sign(payload).encode("ascii"), sig_bytes)
         if not valid:
             return "forged"
         method: str | None = None
