@@ -453,3 +453,46 @@ def test_instrument_rejects_non_profiling() -> None:
 
     with pytest.raises(ValueError, match="profiling"):
         fastprof.instrument(FastAPI(), profiling=object())  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_default_store_keeps_short_profiles_unencoded_until_fetched(
+    spans, monkeypatch
+) -> None:
+    """Short profiles skip the writer: stored at once, encoded only when fetched."""
+    from fastprof.profiling import _documents
+
+    encoded: list[str] = []
+    real_encode = _documents.encode
+
+    def counting_encode(session, meta, **kwargs):  # type: ignore[no-untyped-def]
+        encoded.append(meta["profile_id"])
+        return real_encode(session, meta, **kwargs)
+
+    monkeypatch.setattr(_documents, "encode", counting_encode)
+    profiling = fastprof.Profiling(secret=SECRET)
+    app = make_app(profiling, spans)
+    async with client_for(app) as client:
+        response = await client.get("/alpha", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+    profile_id = response.headers["x-fastprof-profile-id"]
+    assert profiling.stats()["stored"] == 1  # no flush needed: nothing went to the writer
+    assert encoded == []
+    assert "async_hot_alpha" in frames_of(profiling, profile_id)
+    assert encoded == [profile_id]
+
+
+@pytest.mark.anyio
+async def test_long_profiles_are_encoded_by_the_writer(spans, monkeypatch) -> None:
+    from fastprof.profiling import _profiling
+
+    monkeypatch.setattr(_profiling, "LAZY_MAX_SAMPLES", -1)  # every profile counts as long
+    profiling = fastprof.Profiling(secret=SECRET)
+    app = make_app(profiling, spans)
+    async with client_for(app) as client:
+        response = await client.get("/alpha", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+    profile_id = response.headers["x-fastprof-profile-id"]
+    assert profiling.flush(10)
+    assert profiling.stats()["stored"] == 1
+    assert isinstance(profiling.store, MemoryStore)
+    assert profiling.store._items[profile_id][1].__class__ is bytes  # stored encoded
+    assert "async_hot_alpha" in frames_of(profiling, profile_id)

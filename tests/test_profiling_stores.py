@@ -157,3 +157,51 @@ def test_store_config_validation(tmp_path) -> None:
         FileStore(tmp_path, ttl_s=0)
     with pytest.raises(ValueError, match="max_bytes"):
         FileStore(tmp_path, max_bytes=10)
+
+
+def test_memory_store_lazy_documents_are_made_once_on_first_get() -> None:
+    calls: list[int] = []
+
+    def encode() -> bytes:
+        calls.append(1)
+        return b"document-1"
+
+    store = MemoryStore(max_count=4, max_bytes=10_000, clock=Clock())
+    store.put_lazy(meta(1), encode, size_hint=500)
+    assert calls == [] and len(store) == 1
+    assert [m.profile_id for m in store.list()] == [pid(1)]
+    assert store.get(pid(1)) == b"document-1"
+    assert store.get(pid(1)) == b"document-1"
+    assert calls == [1]  # encoded once, then kept as bytes
+    assert store.list()[0].size == len(b"document-1")
+
+
+def test_memory_store_lazy_size_hint_counts_against_the_byte_cap() -> None:
+    store = MemoryStore(max_count=10, max_bytes=2048, clock=Clock())
+    store.put_lazy(meta(1), lambda: b"a", size_hint=1200)
+    store.put_lazy(meta(2), lambda: b"b", size_hint=1200)  # 2400 > 2048: the oldest goes
+    assert store.get(pid(1)) is None
+    assert store.get(pid(2)) == b"b"
+    store.put_lazy(meta(3), lambda: b"c", size_hint=5000)  # larger than the cap: refused
+    assert store.get(pid(3)) is None
+
+
+def test_memory_store_lazy_encode_failure_drops_the_profile() -> None:
+    from fastprof import _internal_errors
+
+    def broken() -> bytes:
+        raise RuntimeError("cannot encode")
+
+    store = MemoryStore(clock=Clock())
+    before = _internal_errors.counts().get("profile.encode", 0)
+    store.put_lazy(meta(1), broken, size_hint=100)
+    assert store.get(pid(1)) is None
+    assert len(store) == 0
+    assert _internal_errors.counts()["profile.encode"] == before + 1
+
+
+def test_memory_store_lazy_document_over_the_cap_is_served_once_then_dropped() -> None:
+    store = MemoryStore(max_bytes=1024, clock=Clock())
+    store.put_lazy(meta(1), lambda: b"x" * 5000, size_hint=10)
+    assert store.get(pid(1)) == b"x" * 5000
+    assert store.get(pid(1)) is None and len(store) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import inspect
 import itertools
@@ -361,7 +362,7 @@ class Profiling(RequestHooks):
                 attrs["fastprof.profile.data"] = encoded.decode("ascii")
             else:
                 attrs["fastprof.profile.data_dropped"] = "too_large"
-        if self._writer.submit(self._store_job(meta, session, document)):
+        if self._keep(meta, session, document):
             attrs["fastprof.profile.id"] = capture.profile_id
             if self.base_url is not None:
                 attrs["fastprof.profile.url"] = f"{self.base_url}/{capture.profile_id}"
@@ -389,6 +390,34 @@ class Profiling(RequestHooks):
                 },
             )
 
+    def _keep(self, meta: ProfileMeta, session: Any, document: bytes | None) -> bool:
+        """Hand the profile to the store; ``False`` when it had to be dropped."""
+        store = self.store
+        if (
+            isinstance(store, MemoryStore)
+            and type(store).put is MemoryStore.put  # a subclass customising put gets puts
+            and session.sample_count <= LAZY_MAX_SAMPLES
+        ):
+            # The default store keeps small profiles as they are (a dict insert on
+            # the loop) and encodes them when fetched, in the viewer's thread.
+            try:
+                if document is not None:
+                    store.put(meta, document)
+                else:
+                    snapshot = meta.to_dict()
+                    store.put_lazy(
+                        meta,
+                        functools.partial(_documents.encode, session, snapshot),
+                        _size_hint(session),
+                    )
+            except Exception as exc:
+                self._count("store_failed")
+                _internal_errors.report("profile.store", exc)
+                return False
+            self._count("stored")
+            return True
+        return self._writer.submit(self._store_job(meta, session, document))
+
     def _store_job(
         self, meta: ProfileMeta, session: Any, document: bytes | None
     ) -> Callable[[], None]:
@@ -403,3 +432,14 @@ class Profiling(RequestHooks):
                 self._count("stored")
 
         return job
+
+
+#: Profiles with at most this many samples (0.2 s at the default 1 ms interval) go
+#: into a :class:`MemoryStore` unencoded; longer ones are encoded by the writer.
+LAZY_MAX_SAMPLES: Final = 200
+
+
+def _size_hint(session: Any) -> int:
+    """What an unencoded profile counts against ``MemoryStore.max_bytes``: about
+    what its frame records hold (generous: the encoded document is smaller)."""
+    return 1024 + 96 * sum(len(stack) for stack, _ in session.frame_records)

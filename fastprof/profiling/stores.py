@@ -23,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final, Protocol, runtime_checkable
 
+from fastprof import _internal_errors
+
 __all__ = ["FileStore", "MemoryStore", "ProfileMeta", "ProfileStore", "valid_profile_id"]
 
 _ID_RE: Final = re.compile(r"[0-9a-f]{32}")
@@ -122,7 +124,10 @@ class MemoryStore:
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self._clock = clock
-        self._items: OrderedDict[str, tuple[ProfileMeta, bytes]] = OrderedDict()
+        # profile id -> (meta, document or the function that makes it, bytes counted)
+        self._items: OrderedDict[str, tuple[ProfileMeta, bytes | Callable[[], bytes], int]] = (
+            OrderedDict()
+        )
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -130,26 +135,41 @@ class MemoryStore:
         if not valid_profile_id(meta.profile_id) or len(document) > self.max_bytes:
             return
         meta.size = len(document)
+        self._insert(meta, document, len(document))
+
+    def put_lazy(self, meta: ProfileMeta, encode: Callable[[], bytes], size_hint: int) -> None:
+        """Keep a profile whose document is made by ``encode()`` on its first :meth:`get`.
+
+        fastprof's profiler stores small profiles this way: a profile nobody fetches
+        is never encoded, and no writer thread competes with the event loop for it.
+        Until it is encoded it counts as ``size_hint`` bytes against ``max_bytes``.
+        ``encode`` runs in the thread calling :meth:`get` (the viewer's worker thread).
+        """
+        if not valid_profile_id(meta.profile_id) or size_hint > self.max_bytes:
+            return
+        self._insert(meta, encode, size_hint)
+
+    def _insert(self, meta: ProfileMeta, document: bytes | Callable[[], bytes], size: int) -> None:
         with self._lock:
             old = self._items.pop(meta.profile_id, None)
             if old is not None:
-                self._bytes -= len(old[1])
-            self._items[meta.profile_id] = (meta, document)
-            self._bytes += len(document)
+                self._bytes -= old[2]
+            self._items[meta.profile_id] = (meta, document, size)
+            self._bytes += size
             self._prune_locked()
 
     def _prune_locked(self) -> None:
         deadline = self._clock() - self.ttl_s
         items = self._items
         while items:
-            meta, document = next(iter(items.values()))
+            meta, _, size = next(iter(items.values()))
             if (
                 len(items) > self.max_count
                 or self._bytes > self.max_bytes
                 or meta.created < deadline
             ):
                 items.popitem(last=False)
-                self._bytes -= len(document)
+                self._bytes -= size
             else:
                 break
 
@@ -159,12 +179,35 @@ class MemoryStore:
         with self._lock:
             self._prune_locked()
             item = self._items.get(profile_id)
-        return item[1] if item is not None else None
+        if item is None:
+            return None
+        meta, document, size = item
+        if isinstance(document, bytes):
+            return document
+        try:
+            data = document()
+        except Exception as exc:
+            _internal_errors.report("profile.encode", exc)
+            with self._lock:
+                if self._items.get(profile_id) is item:
+                    del self._items[profile_id]
+                    self._bytes -= size
+            return None
+        with self._lock:
+            if self._items.get(profile_id) is item:
+                meta.size = len(data)
+                self._items[profile_id] = (meta, data, len(data))
+                self._bytes += len(data) - size
+                if len(data) > self.max_bytes:
+                    del self._items[profile_id]
+                    self._bytes -= len(data)
+                self._prune_locked()
+        return data
 
     def list(self, limit: int = 100) -> list[ProfileMeta]:
         with self._lock:
             self._prune_locked()
-            metas = [meta for meta, _ in self._items.values()]
+            metas = [meta for meta, _, _ in self._items.values()]
         return list(reversed(metas))[:limit]
 
     def __len__(self) -> int:
