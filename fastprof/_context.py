@@ -84,12 +84,14 @@ class RequestState:
         path: str,
         headers: Any = None,
         id_header: bytes | None = None,
+        route_resolver: Callable[[], str | None] | None = None,
         *,
         request_id: str | None = None,
     ) -> None:
         """``request_id`` is used as given; else, when ``id_header`` (a lower-case
         header name) is given, taken from that header of the ASGI ``headers`` if
-        valid, on first use of :attr:`request_id`; else generated."""
+        valid, on first use of :attr:`request_id`; else generated. ``route_resolver``:
+        see :meth:`resolve_route_with`."""
         self._request_id = request_id
         self.span = span
         self.method = method
@@ -97,6 +99,8 @@ class RequestState:
         if id_header is not None:
             self._id_headers = headers
             self._id_header_name = id_header
+        if route_resolver is not None:
+            self._route_resolver = route_resolver
         self.start_ns = time.perf_counter_ns()
 
     @property

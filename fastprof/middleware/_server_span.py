@@ -227,10 +227,12 @@ class FastprofMiddleware:
                 path = scope.get("path", "")
                 # Positional: a class call with keywords builds a dict.
                 state = RequestState(
-                    span, scope.get("method", "GET"), path, headers, self._request_id_header
-                )
-                state._route_resolver = functools.partial(
-                    _resolve_route_safely, scope, scope.get("app"), scope.get("root_path", ""), path
+                    span,
+                    scope.get("method", "GET"),
+                    path,
+                    headers,
+                    self._request_id_header,
+                    _route_resolver(scope, path),
                 )
                 scope[SCOPE_KEY] = state
                 return _LeanRequest(
@@ -328,10 +330,8 @@ class _Request:
             self._span_method = ""
             recording = span.is_recording()
             ctx = None
-        state = self.state = RequestState(span, method, path, headers, mw._request_id_header)
-        # Routing mutates the scope: resolve from what it was on the way in.
-        state._route_resolver = functools.partial(
-            _resolve_route_safely, scope, scope.get("app"), scope.get("root_path", ""), path
+        state = self.state = RequestState(
+            span, method, path, headers, mw._request_id_header, _route_resolver(scope, path)
         )
         self._recording = recording
         if recording:
@@ -554,6 +554,13 @@ class _Request:
 
 
 _SPAN_METHODS: Final = {m: m for m in KNOWN_METHODS}
+
+
+def _route_resolver(scope: Scope, path: str) -> Callable[[], str | None]:
+    # Routing mutates the scope: resolve from what it was on the way in.
+    return functools.partial(
+        _resolve_route_safely, scope, scope.get("app"), scope.get("root_path", ""), path
+    )
 
 
 def _resolve_route_safely(
