@@ -255,29 +255,32 @@ class _HookSet:
 
 
 class _LeanRequest:
-    """An unsampled request that no hook needs: what to undo when it ends."""
+    """What a traced request undoes when it ends; all there is to an unsampled
+    request that no hook needs."""
 
     __slots__ = ("_context_token", "_state_token")
 
-    def __init__(self, state_token: Token[Any], context_token: Token[Any]) -> None:
+    def __init__(self, state_token: Token[Any], context_token: Token[Any] | None) -> None:
         self._state_token = state_token
         self._context_token = context_token
 
     def leave(self, scope: Scope) -> None:
-        try:
-            detach_context(self._context_token)
-        except Exception as exc:  # pragma: no cover - defensive
-            _internal_errors.report("context_detach", exc)
+        if self._context_token is not None:
+            try:
+                detach_context(self._context_token)
+            except Exception as exc:  # pragma: no cover - defensive
+                _internal_errors.report("context_detach", exc)
         current_request.reset(self._state_token)
+        # Break the scope <-> state reference cycle, so the request's objects
+        # (FastAPI keeps exit stacks in the scope) are freed now, not by the GC.
         scope.pop(SCOPE_KEY, None)
 
 
-class _Request:
+class _Request(_LeanRequest):
     """The per-request bookkeeping of :class:`FastprofMiddleware`."""
 
     __slots__ = (
         "_completed",
-        "_context_token",
         "_disconnected",
         "_ended",
         "_finished",
@@ -287,7 +290,6 @@ class _Request:
         "_recording",
         "_response_started",
         "_span_method",
-        "_state_token",
         "_trailers",
         "_ttfb_s",
         "lean",
@@ -416,17 +418,6 @@ class _Request:
                 except Exception as exc:
                     _internal_errors.report("hook.on_app_exit", exc)
             self.leave(scope)
-
-    def leave(self, scope: Scope) -> None:
-        if self._context_token is not None:
-            try:
-                detach_context(self._context_token)
-            except Exception as exc:  # pragma: no cover - defensive
-                _internal_errors.report("context_detach", exc)
-        current_request.reset(self._state_token)
-        # Break the scope <-> state reference cycle, so the request's objects
-        # (FastAPI keeps exit stacks in the scope) are freed now, not by the GC.
-        scope.pop(SCOPE_KEY, None)
 
     def _receive_wrapper(self, receive: Receive) -> Receive:
         async def wrapped_receive() -> Message:
