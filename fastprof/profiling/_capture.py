@@ -107,12 +107,21 @@ class ProfileCapture:
 
     def start(self, caller_frame: Any, max_duration_s: float) -> None:
         _clear_stale_async_profiler()
-        self._profiler.start(caller_frame=caller_frame, target_description="fastprof request")
+        # The duration-cap timer is set before sampling starts (and cancelled after
+        # it stops), so its bookkeeping is neither sampled nor slowed by the sampler.
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not on asyncio (trio): no duration-cap timer
-            return
-        self._cap_handle = loop.call_later(max_duration_s, self._hit_duration_cap)
+            pass
+        else:
+            self._cap_handle = loop.call_later(max_duration_s, self._hit_duration_cap)
+        try:
+            self._profiler.start(caller_frame=caller_frame, target_description="fastprof request")
+        except BaseException:
+            handle, self._cap_handle = self._cap_handle, None
+            if handle is not None:
+                handle.cancel()
+            raise
 
     def _hit_duration_cap(self) -> None:
         try:
@@ -127,9 +136,6 @@ class ProfileCapture:
             if self._stopped:
                 return self.session
             self._stopped = True
-        handle, self._cap_handle = self._cap_handle, None
-        if handle is not None:
-            handle.cancel()
         try:
             session = self._profiler.stop()
             with self._lock:
@@ -158,6 +164,9 @@ class ProfileCapture:
             self.session = session
             return session
         finally:
+            handle, self._cap_handle = self._cap_handle, None
+            if handle is not None:
+                handle.cancel()
             self._on_done(self)
 
     @property
