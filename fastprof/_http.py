@@ -111,17 +111,15 @@ _GETTER: Final = _RawHeadersGetter()
 _fields_cache: tuple[object, frozenset[bytes]] = (None, frozenset())
 
 
-def _propagation_fields(propagator: TextMapPropagator) -> frozenset[bytes] | None:
-    """Header names ``propagator`` reads (``None``: unknown, always extract)."""
+def _propagation_fields(propagator: TextMapPropagator) -> frozenset[bytes]:
+    """Header names ``propagator`` reads, cached per propagator (empty: unknown)."""
     global _fields_cache
-    cached_for, fields = _fields_cache
-    if cached_for is not propagator:
-        try:
-            fields = frozenset(f.lower().encode("latin-1") for f in propagator.fields)
-        except Exception:
-            return None
-        _fields_cache = (propagator, fields)
-    return fields or None
+    try:
+        fields = frozenset(f.lower().encode("latin-1") for f in propagator.fields)
+    except Exception:
+        return frozenset()  # unknown: always extract (not cached, retried next time)
+    _fields_cache = (propagator, fields)
+    return fields
 
 
 _EMPTY: Final = Context()
@@ -138,7 +136,7 @@ def extract_context(headers: RawHeaders) -> Context:
         propagator = propagate.get_global_textmap()
         cached_for, fields = _fields_cache
         if cached_for is not propagator:
-            fields = _propagation_fields(propagator) or frozenset()
+            fields = _propagation_fields(propagator)
         if fields:
             for key, _ in headers:
                 if key in fields:

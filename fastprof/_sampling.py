@@ -93,7 +93,12 @@ def _build(tracer: Any) -> DropFastPath | None:
     drop = Decision.DROP
     get_current_span = trace.get_current_span
 
-    make_root_context = _root_context_factory(root_flags)
+    def checked_root_context(trace_id: int, span_id: int) -> SpanContext:
+        return SpanContext(trace_id, span_id, is_remote=False, trace_flags=root_flags)
+
+    make_root_context: Callable[[int, int], SpanContext] = checked_root_context
+    if inline_ids:  # ids known to be valid: the cheaper tuple, if the layout checks out
+        make_root_context = _root_context_factory(root_flags) or checked_root_context
 
     def span_for(parent_context: Context) -> Span | None:
         if has_config and not tracer._tracer_config.is_enabled:
@@ -123,18 +128,8 @@ def _build(tracer: Any) -> DropFastPath | None:
         if record_start is not None:
             record_start(None, drop)
         if inline_ids:
-            if make_root_context is not None:
-                return NonRecordingSpan(
-                    make_root_context(getrandbits(128) or 1, getrandbits(64) or 1)
-                )
-            trace_id = getrandbits(128) or 1
-            span_id = getrandbits(64) or 1
-        else:
-            trace_id = generate_trace_id()
-            span_id = generate_span_id()
-        return NonRecordingSpan(
-            SpanContext(trace_id, span_id, is_remote=False, trace_flags=root_flags)
-        )
+            return NonRecordingSpan(make_root_context(getrandbits(128) or 1, getrandbits(64) or 1))
+        return NonRecordingSpan(make_root_context(generate_trace_id(), generate_span_id()))
 
     return span_for
 
