@@ -42,7 +42,6 @@ from collections.abc import Callable, Generator
 from contextvars import ContextVar
 from typing import Any, Final
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TracerProvider
@@ -81,7 +80,6 @@ _SERIALIZATION_PHASE: Final = {"fastprof.phase": "serialization"}
 class _Support:
     """What was found in the installed FastAPI (filled by :func:`_install`)."""
 
-    installed = False
     supported: bool | None = None
     is_gen: Callable[[Any], bool] | None = None
     is_async_gen: Callable[[Any], bool] | None = None
@@ -127,7 +125,6 @@ def _install() -> bool:
     if routing_solve is not None and not getattr(routing_solve, "__fastprof__", False):
         setattr(routing, "solve_dependencies", _patch(routing_solve))  # noqa: B010
     _install_phases(routing)
-    _Support.installed = True
     _Support.supported = True
     return True
 
@@ -517,19 +514,20 @@ def _new_span(
     attributes: dict[str, Any],
     links: list[Link] | None = None,
 ) -> Span | None:
+    """A dependency or teardown span, or ``None`` past the per-request cap."""
+    if not _take_span_slot(tracker):
+        return None
+    return _phase_span(tracker, name, ctx, start_ns, attributes, links)
+
+
+def _take_span_slot(tracker: _Tracker) -> bool:
+    """Count one more dependency span against the cap; ``False`` (counted as dropped) past it."""
     state = tracker.state
     if state.dependency_spans >= tracker.max_spans:
         state.dependency_spans_dropped += 1
-        return None
+        return False
     state.dependency_spans += 1
-    return tracker.tracer.start_span(
-        name,
-        context=ctx,
-        kind=SpanKind.INTERNAL,
-        attributes=attributes,
-        links=links,
-        start_time=start_ns + tracker.epoch_offset,
-    )
+    return True
 
 
 def _ensure_span(node: _Node) -> Span | None:
@@ -654,8 +652,10 @@ def _enter_solve(
         ctx = current_context()
         node = _Node(tracker, None, None, ctx)
         # FastAPI's native telemetry makes its ``fastapi.dependencies`` span current
-        # here; without it the request span is current and fastprof adds phases.
-        if trace.get_current_span(ctx) is tracker.state.span:
+        # here; without it the request span is current and fastprof adds phases
+        # (to a sampled request: an unsampled one only records timings).
+        span = tracker.state.span
+        if trace.get_current_span(ctx) is span and span.is_recording():
             tracker.phases = True
             tracker.server_ctx = ctx  # the parent of teardown spans
             node.span = _phase_span(
@@ -689,14 +689,20 @@ def _enter_solve(
 
 
 def _phase_span(
-    tracker: _Tracker, name: str, ctx: Context, start_ns: int, attributes: dict[str, Any]
+    tracker: _Tracker,
+    name: str,
+    ctx: Context,
+    start_ns: int,
+    attributes: dict[str, Any],
+    links: list[Link] | None = None,
 ) -> Span:
-    """A phase span (not counted against the dependency-span cap)."""
+    """A span starting at ``start_ns`` (phase spans are not counted against the cap)."""
     return tracker.tracer.start_span(
         name,
         context=ctx,
         kind=SpanKind.INTERNAL,
         attributes=attributes,
+        links=links,
         start_time=start_ns + tracker.epoch_offset,
     )
 
@@ -784,7 +790,7 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
             if tracker.phases:
                 ctx = current_context()
                 span = _phase_span(tracker, "fastprof.endpoint", ctx, submitted, attributes)
-                token = otel_context.attach(trace.set_span_in_context(span, ctx))
+                token = attach_context(trace.set_span_in_context(span, ctx))
             if not is_coroutine:
                 dependant = _timed_endpoint(dependant)
                 box = []
@@ -803,7 +809,7 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
                 if box_token is not None:
                     _started_ns.reset(box_token)
                 if token is not None:
-                    otel_context.detach(token)
+                    detach_context(token)
                 end = time.perf_counter_ns()
                 wait_s = (box[0] - submitted) / 1e9 if box else 0.0
                 tracker.state.add_timing(
@@ -972,17 +978,20 @@ def _begin_teardown(setup: _Node | None) -> _Node | None:
         assert info is not None
         node = _Node(tracker, info, None, setup.ctx)
         node.called_ns = node.start_ns
-        if tracker.server_ctx is None:
-            tracker.server_ctx = trace.set_span_in_context(tracker.state.span, setup.ctx)
-        links = [Link(setup.span.get_span_context())] if setup.span is not None else None
-        span = node.span = _new_span(
-            tracker,
-            info.teardown_name,
-            tracker.server_ctx,
-            node.start_ns,
-            info.teardown_attributes,
-            links,
-        )
+        span = None
+        if _take_span_slot(tracker):  # the parent context and link only for a span
+            if tracker.server_ctx is None:
+                tracker.server_ctx = trace.set_span_in_context(tracker.state.span, setup.ctx)
+            links = [Link(setup.span.get_span_context())] if setup.span is not None else None
+            span = _phase_span(
+                tracker,
+                info.teardown_name,
+                tracker.server_ctx,
+                node.start_ns,
+                info.teardown_attributes,
+                links,
+            )
+        node.span = span
         if span is not None:
             node.span_ctx = trace.set_span_in_context(span, node.ctx)
         return node
@@ -1143,17 +1152,17 @@ class DependencySpans(RequestHooks):
             raise ValueError(f"mode: expected 'all' or 'marked', got {mode!r}")
         self._max_spans = max_spans
         self._marked_only = mode == "marked"
-        self._timings_when_unsampled = bool(timings_when_unsampled)
-        # Unsampled requests skip this hook entirely unless timings are wanted.
-        self.unsampled_requests = self._timings_when_unsampled
         self.enabled = _install()
+        # Unsampled requests skip this hook entirely unless timings are wanted
+        # (and can be recorded: FastAPI is there and supported).
+        self.unsampled_requests = bool(timings_when_unsampled) and self.enabled
 
     def on_request_start(self, state: RequestState, scope: Scope) -> None:
         if not self.enabled:
             return
         if state.span.is_recording():
             max_spans = self._max_spans
-        elif self._timings_when_unsampled:
+        elif self.unsampled_requests:
             max_spans = 0  # timings only: no span for an unsampled request
         else:
             return  # unsampled: FastAPI runs exactly as without fastprof

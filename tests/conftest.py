@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from fastprof import _internal_errors
+
+
+class _OpenSpans(SpanProcessor):
+    """Names of the spans started and not (yet) ended."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.names[span.context.span_id] = span.name
+
+    def on_end(self, span: ReadableSpan) -> None:
+        assert span.context is not None
+        self.names.pop(span.context.span_id, None)
 
 
 class Spans:
@@ -20,6 +35,12 @@ class Spans:
         self.exporter = InMemorySpanExporter()
         self.provider = TracerProvider()
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self._open = _OpenSpans()
+        self.provider.add_span_processor(self._open)
+
+    def open(self) -> list[str]:
+        """Names of the spans started through ``provider`` and never ended."""
+        return sorted(self._open.names.values())
 
     def all(self) -> list[ReadableSpan]:
         return list(self.exporter.get_finished_spans())

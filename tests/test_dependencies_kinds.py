@@ -274,14 +274,19 @@ async def test_unsampled_requests_get_no_dependency_work(spans: Any) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
+    from fastprof import _dependencies
+
     app = FastAPI()
+    trackers: list[object] = []
 
     @app.get("/")
     async def root(x: str = fastapi.Depends(left)) -> str:
+        trackers.append(_dependencies._active.get())
         return x
 
     fastprof.instrument(app, tracer_provider=TracerProvider(sampler=ALWAYS_OFF))
     assert (await _get(app, "/")).json() == "lshared"
+    assert trackers == [None]  # no per-request tracker: FastAPI ran as without fastprof
     assert _internal_errors.counts() == {}
 
 
