@@ -66,7 +66,7 @@ SENSITIVE_QUERY_KEYS: Final = frozenset(
         "auth",
         "authorization",
         "session",
-        "fastprof_token",
+        "fastprof_profile",  # fastprof's own dev-mode profiling token
     )
 )
 
@@ -148,14 +148,16 @@ def extract_context(headers: RawHeaders) -> Context:
         return _EMPTY
 
 
-def redact_query(query: bytes, policy: QueryPolicy, limit: int) -> str | None:
+def redact_query(
+    query: bytes, policy: QueryPolicy, limit: int, sensitive: frozenset[str] = SENSITIVE_QUERY_KEYS
+) -> str | None:
     """Return ``url.query`` under ``policy``, or ``None`` when it must be omitted."""
     if not query or policy == "omit":
         return None
     text = query[: limit * 2].decode("latin-1")
     parts = []
     for key, value in parse_qsl(text, keep_blank_values=True):
-        if policy == "redact_all" or key.lower() in SENSITIVE_QUERY_KEYS:
+        if policy == "redact_all" or key.lower() in sensitive:
             value = "REDACTED"
         parts.append(f"{quote(key, safe='')}={quote(value, safe='')}")
     return truncate("&".join(parts), limit)

@@ -126,6 +126,8 @@ def instrument(
         "request_id_header": request_id_header,
         "response_request_id_header": response_request_id_header,
         "query": query,
+        # A profiling token in the query string is a credential.
+        "redact_query_keys": (profiling.query_param,) if profiling is not None else (),
         "max_attribute_length": max_attribute_length,
         "hooks": user_hooks + extra_hooks,
     }

@@ -109,6 +109,27 @@ async def test_span_named_after_route_template_with_semconv_attributes(spans: Sp
     assert "s3cret" not in str(attrs)
 
 
+async def test_profiling_tokens_and_configured_keys_are_redacted_from_url_query(
+    spans: Spans,
+) -> None:
+    """A dev-mode profiling token (default or custom parameter name) is a credential."""
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))])
+    profiling = fastprof.Profiling(secret="s" * 32, dev_mode=True, query_param="pt")
+    fastprof.instrument(app, tracer_provider=spans.provider, profiling=profiling)
+    assert (await get(app, "/?pt=tok1&fastprof_profile=tok2&a=1")).status_code == 200
+    plain = fastprof.FastprofMiddleware(
+        Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))]),
+        tracer_provider=spans.provider,
+        redact_query_keys=["Session_Key"],
+    )
+    assert (await get(plain, "/?session_key=tok3&b=2")).status_code == 200
+    first, second = (dict(s.attributes or {}) for s in spans.server())
+    assert first["url.query"] == "pt=REDACTED&fastprof_profile=REDACTED&a=1"
+    assert second["url.query"] == "session_key=REDACTED&b=2"
+    with pytest.raises(ValueError, match="redact_query_keys"):
+        fastprof.FastprofMiddleware(plain, redact_query_keys="token")
+
+
 @pytest.mark.parametrize(
     ("path", "route"),
     [

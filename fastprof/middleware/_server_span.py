@@ -17,6 +17,7 @@ from fastprof import _internal_errors
 from fastprof._context import SCOPE_KEY, RequestState, current_request
 from fastprof._http import (
     KNOWN_METHODS,
+    SENSITIVE_QUERY_KEYS,
     QueryPolicy,
     extract_context,
     find_header,
@@ -132,6 +133,8 @@ class FastprofMiddleware:
             response header. Off by default: fastprof changes no response.
         query: How ``url.query`` is recorded: ``"redact_sensitive"`` (values of
             credential-like keys become ``REDACTED``), ``"redact_all"`` or ``"omit"``.
+        redact_query_keys: More query parameter names whose values are redacted
+            under ``"redact_sensitive"`` (case-insensitive).
         max_attribute_length: Longest string fastprof records in an attribute.
         hooks: Extra per-request components (see :class:`RequestHooks`).
     """
@@ -145,6 +148,7 @@ class FastprofMiddleware:
         request_id_header: str | None = "x-request-id",
         response_request_id_header: str | None = None,
         query: QueryPolicy = "redact_sensitive",
+        redact_query_keys: Iterable[str] = (),
         max_attribute_length: int = 2048,
         hooks: Iterable[RequestHooks] = (),
     ) -> None:
@@ -173,6 +177,11 @@ class FastprofMiddleware:
             else None
         )
         self._query: QueryPolicy = query
+        if isinstance(redact_query_keys, str) or not all(
+            isinstance(k, str) for k in redact_query_keys
+        ):
+            raise ValueError("redact_query_keys: expected a list of query parameter names")
+        self._sensitive_keys = SENSITIVE_QUERY_KEYS | {k.lower() for k in redact_query_keys}
         self._limit = max_attribute_length
         self._hooks = hooks
         self._sampled_hooks = _HookSet(hooks)
@@ -369,7 +378,9 @@ class _Request(_LeanRequest):
         scheme = scope.get("scheme", "http")
         attrs["url.scheme"] = scheme
         attrs["url.path"] = truncate(scope.get("path", ""), limit)
-        query = redact_query(scope.get("query_string", b""), self._mw._query, limit)
+        query = redact_query(
+            scope.get("query_string", b""), self._mw._query, limit, self._mw._sensitive_keys
+        )
         if query is not None:
             attrs["url.query"] = query
         version = scope.get("http_version")

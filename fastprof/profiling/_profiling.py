@@ -173,6 +173,7 @@ class Profiling(RequestHooks):
         self._header = (
             header.lower().encode("latin-1") if header is not None and self._secrets else None
         )
+        self.query_param = query_param  # redacted from url.query by instrument()
         self._query_key = query_param if dev_mode else None
         self._query_probe = (query_param + "=").encode("latin-1")
         self._sample_rate = float(sample_rate)
