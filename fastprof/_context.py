@@ -90,8 +90,8 @@ class RequestState:
     ) -> None:
         """``request_id`` is used as given; else, when ``id_header`` (a lower-case
         header name) is given, taken from that header of the ASGI ``headers`` if
-        valid, on first use of :attr:`request_id`; else generated. ``route_resolver``:
-        see :meth:`resolve_route_with`."""
+        valid, on first use of :attr:`request_id`; else generated. ``route_resolver``
+        computes :attr:`route` on demand (fastprof's middleware sets one per request)."""
         self._request_id = request_id
         self.span = span
         self.method = method
@@ -142,10 +142,6 @@ class RequestState:
     def route(self, value: str | None) -> None:
         self._route_resolver = None
         self._route = value
-
-    def resolve_route_with(self, resolver: Callable[[], str | None]) -> None:
-        """Set how :attr:`route` is resolved (fastprof's middleware does, per request)."""
-        self._route_resolver = resolver
 
     def finalize_route(self) -> None:
         """The response completed: the next read of :attr:`route` resolves and caches it."""

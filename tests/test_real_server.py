@@ -126,3 +126,5 @@ def test_client_disconnect_is_seen_by_the_app_and_recorded(spans: Spans) -> None
     (span,) = spans.server()
     assert span.attributes is not None
     assert span.attributes["http.route"] == "/hang"
+    # The app answered after the client had gone: the span says so.
+    assert span.attributes["fastprof.client_disconnected"] is True

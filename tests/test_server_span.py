@@ -334,6 +334,29 @@ async def test_client_disconnect_ends_span_once(spans: Spans) -> None:
     assert "error.type" not in span.attributes
 
 
+async def test_disconnect_after_a_complete_response_is_not_a_lost_client(spans: Spans) -> None:
+    async def done_then_wait(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "http.request"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        assert (await receive())["type"] == "http.disconnect"  # the normal end
+
+    app = fastprof.FastprofMiddleware(done_then_wait, tracer_provider=spans.provider)
+    messages = iter([{"type": "http.request", "body": b""}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await app({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send)
+    (span,) = spans.server()
+    assert span.attributes is not None
+    assert "fastprof.client_disconnected" not in span.attributes
+    assert span.attributes["http.response.status_code"] == 200
+
+
 async def test_no_response_at_all_is_an_error(spans: Spans) -> None:
     async def silent(scope: Any, receive: Any, send: Any) -> None:
         return None

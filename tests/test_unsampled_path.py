@@ -228,3 +228,36 @@ async def test_lean_unsampled_request_keeps_request_state() -> None:
     (state, span), _ = states
     assert state.route == "/r/{x}" and state.span is span and not span.is_recording()
     assert fastprof.current_request.get() is None  # reset after the request
+
+
+async def test_disabled_components_are_never_called_and_keep_the_lean_path() -> None:
+    """A hook with ``enabled = False`` (e.g. profiling without a trigger) costs nothing."""
+    received: list[tuple[object, object]] = []
+
+    async def raw_app(scope: Any, receive: Any, send: Any) -> None:
+        received.append((receive, send))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    class Off(_Recorder):
+        enabled = False
+
+    off = Off(True)
+    profiling = fastprof.Profiling(secret="s" * 32, header=None)  # no trigger at all
+    assert not profiling.enabled
+    for sampled in (True, False):
+        provider = TracerProvider(sampler=ALWAYS_ON if sampled else ALWAYS_OFF)
+        app = fastprof.FastprofMiddleware(raw_app, tracer_provider=provider, hooks=[off, profiling])
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        await app(scope, receive, send)
+        if not sampled:  # the lean path: the app gets the server's own callables
+            assert received[-1][0] is receive and received[-1][1] is send
+        assert fastprof._context.SCOPE_KEY not in scope
+    assert off.calls == []

@@ -61,6 +61,11 @@ class RequestHooks:
     #: its span and context.
     unsampled_requests: bool = True
 
+    #: ``False`` when the component has nothing to do (e.g. profiling with no
+    #: trigger configured, dependency spans without a supported FastAPI): the
+    #: middleware then never calls it. Read once when the middleware is built.
+    enabled: bool = True
+
     def on_request_start(self, state: RequestState, scope: Scope) -> None:
         """Called in the request's task before the application runs."""
 
@@ -164,6 +169,7 @@ class FastprofMiddleware:
         for hook in hooks:
             if not isinstance(hook, RequestHooks):
                 raise ValueError(f"hooks: {hook!r} is not a fastprof RequestHooks")
+        hooks = tuple(h for h in hooks if h.enabled)
         self.app = app
         self._tracer = tracer
         self._drop_fast_path = drop_fast_path(tracer)
@@ -183,7 +189,6 @@ class FastprofMiddleware:
             raise ValueError("redact_query_keys: expected a list of query parameter names")
         self._sensitive_keys = SENSITIVE_QUERY_KEYS | {k.lower() for k in redact_query_keys}
         self._limit = max_attribute_length
-        self._hooks = hooks
         self._sampled_hooks = _HookSet(hooks)
         self._unsampled_hooks = _HookSet(
             tuple(h for h in hooks if getattr(h, "unsampled_requests", True))
@@ -306,7 +311,8 @@ class _Request(_LeanRequest):
     )
 
     def __init__(self, mw: FastprofMiddleware, scope: Scope, parent: Context | None) -> None:
-        """``parent``: the context extracted from the headers, if already done."""
+        """``parent``: the context extracted from the headers, when the lean path
+        already did (and found that the drop fast path can't serve the request)."""
         self._mw = mw
         headers: list[tuple[bytes, bytes]] = scope.get("headers") or []
         method = scope.get("method", "GET")
@@ -323,11 +329,12 @@ class _Request(_LeanRequest):
         ctx: Context | None
         if span is None:
             self._owned = True
+            fast = mw._drop_fast_path
             if parent is None:
                 parent = extract_context(headers)
+                span = fast(parent) if fast is not None else None
+            # else: the lean path already asked the fast path, which can't serve it.
             span_method = self._span_method = _SPAN_METHODS.get(method, "HTTP")
-            fast = mw._drop_fast_path
-            span = fast(parent) if fast is not None else None
             if span is None:
                 span = mw._tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
                 recording = span.is_recording()
@@ -433,7 +440,9 @@ class _Request(_LeanRequest):
     def _receive_wrapper(self, receive: Receive) -> Receive:
         async def wrapped_receive() -> Message:
             message = await receive()
-            if message["type"] == "http.disconnect":
+            if message["type"] == "http.disconnect" and not self._completed:
+                # Before the response completed: the client left (whatever the app
+                # sends afterwards goes nowhere). After it, the usual end of a request.
                 self._disconnected = True
             return message
 
@@ -525,7 +534,7 @@ class _Request(_LeanRequest):
         attrs: dict[str, Any] = {}
         if self._ttfb_s >= 0:
             attrs["fastprof.time_to_response_start_s"] = self._ttfb_s
-        if self._disconnected and not self._completed:
+        if self._disconnected:
             attrs["fastprof.client_disconnected"] = True
         if not self._owned:
             span.set_attributes(attrs)

@@ -200,13 +200,10 @@ class Profiling(RequestHooks):
         self._ids = _ProfileIds()
         self._counts_lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        #: Whether any trigger is configured (without one the middleware never calls this).
+        self.enabled = self._header is not None or self._query_key is not None or self._max_rate > 0
 
     # -- introspection -------------------------------------------------------
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any trigger is configured."""
-        return self._header is not None or self._query_key is not None or self._max_rate > 0
 
     def stats(self) -> dict[str, int]:
         """Counters: ``started``, ``stored``, ``refused.<reason>``, ``skipped.<reason>``, ..."""
