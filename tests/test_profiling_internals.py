@@ -15,7 +15,7 @@ import pytest
 from pyinstrument.session import Session
 
 from fastprof.profiling import _capture, _documents
-from fastprof.profiling._tokens import _sign, _Signer
+from fastprof.profiling._tokens import _Signer
 
 APP = "/srv/app/handlers.py"
 LIB = os.path.join(os.path.dirname(json.__file__), "decoder.py")
@@ -46,8 +46,7 @@ def test_signer_matches_hmac_sha256(length: int) -> None:
     secret = os.urandom(length)
     for payload in ("", "v1.1700000000.AAAAAAAAAAAAAAAAAAAAAA.", "x" * 300):
         expected = hmac.new(secret, payload.encode(), hashlib.sha256).digest()
-        assert _Signer(secret).sign(payload) == _sign(secret, payload)
-        assert _sign(secret, payload) == _documents_b64(expected)
+        assert _Signer(secret).sign(payload) == _documents_b64(expected)
 
 
 def _documents_b64(digest: bytes) -> str:
@@ -80,18 +79,6 @@ def test_document_roundtrip_keeps_every_sample() -> None:
     assert len(body["stacks"]) == 2  # each distinct stack once
     for fmt in _documents.FORMATS:
         assert _documents.render(document, fmt)
-
-
-def test_format_1_documents_are_still_read() -> None:
-    session = _sample_session()
-    old = gzip.compress(
-        json.dumps({"fastprof": {"profile_id": "b" * 32}, "session": session.to_json()}).encode()
-    )
-    meta, decoded = _documents.decode(old)
-    assert meta["profile_id"] == "b" * 32
-    assert [list(s) for s, _ in decoded.frame_records] == [
-        list(s) for s, _ in session.frame_records
-    ]
 
 
 def test_malformed_format_2_document_is_a_value_error() -> None:

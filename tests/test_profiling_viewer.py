@@ -137,11 +137,21 @@ def test_overlong_token_is_refused_before_any_hmac(monkeypatch) -> None:
     import fastprof.profiling._tokens as tokens
 
     calls = []
-    monkeypatch.setattr(tokens, "_sign", lambda *a: calls.append(a) or "")
+    real_sign = tokens._Signer.sign
+    monkeypatch.setattr(
+        tokens._Signer,
+        "sign",
+        lambda self, payload: calls.append(payload) or real_sign(self, payload),
+    )
     verifier = TokenVerifier(normalize_secrets(SECRET), max_ttl_s=3600, replay_cache=ReplayCache())
     assert verifier.verify(b"v1." + b"A" * 1000) == "malformed"
     assert verifier.verify(b"v1.1.2.3") == "malformed"
     assert calls == []
+    # A well-formed token does reach the HMAC (so the check above can fail).
+    forged = tokens.mint_token(b"another-secret-" + b"x" * 32).encode()
+    calls.clear()  # minting signs too
+    assert verifier.verify(forged) == "forged"
+    assert len(calls) == 1
 
 
 def test_replay_cache_is_bounded_and_fails_closed() -> None:

@@ -170,10 +170,6 @@ class ProfileCapture:
             self._on_done(self)
 
     @property
-    def stopped(self) -> bool:
-        return self._stopped
-
-    @property
     def worker_calls(self) -> int:
         return self._worker_calls
 

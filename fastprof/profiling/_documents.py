@@ -15,8 +15,7 @@ distinct frame string and every distinct stack once::
 A profile's samples mostly share their stacks (and every stack shares the
 request's start stack), so this is a fraction of the size and of the encoding
 time of pyinstrument's own session JSON, which repeats every frame string of
-every sample. Format 1 documents (``{"fastprof": {...}, "session":
-<Session.to_json()>}``) are still read.
+every sample.
 
 A document renders to pyinstrument's self-contained HTML, speedscope JSON, or is
 served as the session JSON itself (loadable with ``pyinstrument --load``).
@@ -129,9 +128,9 @@ def decode(document: bytes, max_bytes: int = 512 * 1024 * 1024) -> tuple[dict[st
         raise ValueError("profile document too large")
     data = json.loads(raw)
     meta = dict(data.get("fastprof", {}))
-    if data.get("format") != 2:  # format 1: pyinstrument's session JSON as is
-        return meta, Session.from_json(data["session"])
     try:
+        if data["format"] != 2:
+            raise ValueError(f"unknown profile document format {data['format']!r}")
         frames: list[str] = data["frames"]
         stacks = [[frames[i] for i in stack] for stack in data["stacks"]]
         records = [

@@ -21,6 +21,7 @@ from starlette.types import Message, Scope
 
 from fastprof import _internal_errors
 from fastprof._context import RequestState
+from fastprof._http import find_header
 from fastprof._options import check_header_name, check_int, check_rate, check_seconds
 from fastprof.middleware import RequestHooks
 from fastprof.profiling import _documents
@@ -163,12 +164,9 @@ class Profiling(RequestHooks):
             not isinstance(base_url, str) or not re.match(r"https?://|/", base_url)
         ):
             raise ValueError("base_url: expected an http(s) URL or an absolute path")
-        if not isinstance(top_frames, int) or not 0 <= top_frames <= 100:
-            raise ValueError("top_frames: expected an int between 0 and 100")
-        if not isinstance(embed_max_bytes, int) or not 0 <= embed_max_bytes <= 1024 * 1024:
-            raise ValueError("embed_max_bytes: expected an int between 0 and 1048576")
-        if not isinstance(writer_queue_size, int) or not 1 <= writer_queue_size <= 1024:
-            raise ValueError("writer_queue_size: expected an int between 1 and 1024")
+        check_int("top_frames", top_frames, 0, 100)
+        check_int("embed_max_bytes", embed_max_bytes, 0, 1024 * 1024)
+        check_int("writer_queue_size", writer_queue_size, 1, 1024)
 
         self._header = (
             header.lower().encode("latin-1") if header is not None and self._secrets else None
@@ -244,12 +242,9 @@ class Profiling(RequestHooks):
     def _decide(self, state: RequestState, scope: Scope) -> str | None:
         """Which trigger fires for this request, if any. Cheapest checks first."""
         if self._header is not None:
-            name = self._header
-            for key, value in scope.get("headers") or ():
-                if key == name:
-                    if self._token_allows(value, state):
-                        return "header"
-                    break
+            raw = find_header(scope.get("headers") or (), self._header)
+            if raw is not None and self._token_allows(raw, state):
+                return "header"
         if self._query_key is not None:
             query: bytes = scope.get("query_string", b"")
             if self._query_probe in query:
@@ -373,6 +368,8 @@ class Profiling(RequestHooks):
         attrs["fastprof.profile.samples"] = session.sample_count
         if capture.worker_calls:
             attrs["fastprof.profile.worker_calls"] = capture.worker_calls
+        if capture.worker_dropped:
+            attrs["fastprof.profile.worker_samples_dropped"] = capture.worker_dropped
         if capture.truncated:
             attrs["fastprof.profile.truncated"] = True
         span.set_attributes(attrs)
@@ -420,8 +417,10 @@ class Profiling(RequestHooks):
         self, meta: ProfileMeta, session: Any, document: bytes | None
     ) -> Callable[[], None]:
         def job() -> None:
-            data = document if document is not None else _documents.encode(session, meta.to_dict())
             try:
+                data = (
+                    document if document is not None else _documents.encode(session, meta.to_dict())
+                )
                 self.store.put(meta, data)
             except Exception as exc:
                 self._count("store_failed")

@@ -80,15 +80,11 @@ def normalize_secrets(
     return tuple(out)
 
 
-def _sign(secret: bytes, payload: str) -> str:
-    return _b64(hmac.digest(secret, payload.encode("ascii"), "sha256"))
-
-
 class _Signer:
     """HMAC-SHA256 with one secret, its keyed inner and outer hash states computed once.
 
-    The same value as :func:`_sign` (RFC 2104), for about a third of the cost per
-    token: no key setup, just two copies of precomputed SHA-256 states.
+    The same value as ``hmac.digest(secret, payload, "sha256")`` (RFC 2104), for about
+    a third of the cost per token: no key setup, two copies of precomputed SHA-256 states.
     """
 
     __slots__ = ("_inner", "_outer")
@@ -132,7 +128,7 @@ def mint_token(
     if route is not None or method is not None:
         scope = _b64(f"{(method or '').upper()} {route or ''}".encode())
     payload = f"{_VERSION}.{exp}.{nonce}.{scope}"
-    return f"{payload}.{_sign(secrets[0], payload)}"
+    return f"{payload}.{_Signer(secrets[0]).sign(payload)}"
 
 
 def viewer_token(secret: str | bytes | Sequence[str | bytes]) -> str:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol, runtime_checkable
 
 from fastprof import _internal_errors
+from fastprof._options import check_int, check_seconds
 
 __all__ = ["FileStore", "MemoryStore", "ProfileMeta", "ProfileStore", "valid_profile_id"]
 
@@ -361,9 +362,6 @@ class FileStore:
 
 
 def _check_caps(max_count: int, max_bytes: int, ttl_s: float) -> None:
-    if not isinstance(max_count, int) or max_count < 1:
-        raise ValueError("max_count: expected an int >= 1")
-    if not isinstance(max_bytes, int) or max_bytes < 1024:
-        raise ValueError("max_bytes: expected an int >= 1024")
-    if not ttl_s > 0:
-        raise ValueError("ttl_s: expected a positive number of seconds")
+    check_int("max_count", max_count, 1, 1_000_000)
+    check_int("max_bytes", max_bytes, 1024, 1 << 40)
+    check_seconds("ttl_s", ttl_s, 0.001, 366 * 24 * 3600.0)

@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl
 from starlette.types import Receive, Scope, Send
 
 from fastprof import _internal_errors
+from fastprof._http import find_header
 from fastprof.profiling import _documents
 from fastprof.profiling._tokens import viewer_token
 from fastprof.profiling.stores import ProfileStore, valid_profile_id
@@ -53,13 +54,10 @@ def bearer_auth(token: str) -> AuthHook:
     expected = ("bearer " + token).encode("latin-1")
 
     def check(scope: Scope) -> bool:
-        for key, value in scope.get("headers") or ():
-            if key == b"authorization":
-                if len(value) > _MAX_AUTH_HEADER:
-                    return False
-                candidate = value[:7].lower() + value[7:]
-                return hmac.compare_digest(candidate, expected)
-        return False
+        value = find_header(scope.get("headers") or (), b"authorization")
+        if value is None or len(value) > _MAX_AUTH_HEADER:
+            return False
+        return hmac.compare_digest(value[:7].lower() + value[7:], expected)
 
     return check
 
