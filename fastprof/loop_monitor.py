@@ -39,9 +39,8 @@ from typing import Any, Final
 
 import structlog
 from opentelemetry.metrics import MeterProvider
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
-from fastprof import _internal_errors
 from fastprof._context import RequestState, current_request
 from fastprof._frames import is_library
 from fastprof._options import check_int, check_seconds
@@ -49,7 +48,7 @@ from fastprof._watchdog import Block, Frame, LoopWatchdog, Sample
 from fastprof.metrics import LoopMetrics, ThreadpoolSnapshot
 from fastprof.middleware import RequestHooks
 
-__all__ = ["BLOCKED_EVENT", "LoopMonitor", "LoopMonitorLifespan"]
+__all__ = ["BLOCKED_EVENT", "LoopMonitor"]
 
 BLOCKED_EVENT: Final = "fastprof.loop.blocked"
 MAX_EVENTS_PER_REQUEST: Final = 16
@@ -291,9 +290,15 @@ class LoopMonitor(RequestHooks):
         if entry is None:
             get_context = getattr(task, "get_context", None)  # Python 3.12+
             if get_context is not None:
+                # A task the request started (a streaming response's sender, a task
+                # group): charge the request's own entry, so that its samples group
+                # together, and only while the request is in flight (a background
+                # task running after the response keeps the context, not the request).
                 state = get_context().get(current_request)
-                if state is not None:
-                    entry = _Entry(state)
+                if state is not None and state.task is not None:
+                    owner = self._tasks.get(state.task)
+                    if owner is not None and owner.state is state:
+                        entry = owner
         if entry is None:
             return None, None
         return entry, entry.state.current_operation
@@ -428,12 +433,6 @@ class LoopMonitor(RequestHooks):
             hint="sync dependencies/endpoints are queuing for a worker thread",
         )
 
-    # -- ASGI --------------------------------------------------------------------
-
-    def lifespan(self, app: ASGIApp) -> LoopMonitorLifespan:
-        """Wrap ``app`` so that the monitor starts at lifespan startup and stops at shutdown."""
-        return LoopMonitorLifespan(app, monitor=self)
-
 
 def _dominant_owner(samples: Iterable[Sample]) -> tuple[Any, list[Sample]]:
     """The owner (request entry or ``None``) seen in most samples, and its samples."""
@@ -442,44 +441,3 @@ def _dominant_owner(samples: Iterable[Sample]) -> tuple[Any, list[Sample]]:
         by_owner.setdefault(id(sample.owner), []).append(sample)
     dominant = max(by_owner.values(), key=len)
     return dominant[0].owner, dominant
-
-
-class LoopMonitorLifespan:
-    """Pure-ASGI wrapper: start a :class:`LoopMonitor` at lifespan startup, stop it at shutdown.
-
-    The monitor starts when the server sends ``lifespan.startup`` (before the
-    application's own startup code runs, so blocking there is reported) and
-    stops once the application completed its shutdown. HTTP and websocket
-    scopes pass straight through.
-    """
-
-    def __init__(self, app: ASGIApp, *, monitor: LoopMonitor) -> None:
-        if not isinstance(monitor, LoopMonitor):
-            raise ValueError(f"monitor: expected a fastprof LoopMonitor, got {monitor!r}")
-        self.app = app
-        self.monitor = monitor
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
-        monitor = self.monitor
-
-        async def wrapped_receive() -> Message:
-            message = await receive()
-            if message.get("type") == "lifespan.startup":
-                try:
-                    monitor.start()
-                except Exception as exc:
-                    _internal_errors.report("loop.start", exc)
-            return message
-
-        async def wrapped_send(message: Message) -> None:
-            await send(message)
-            if message.get("type") in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                try:
-                    monitor.stop()
-                except Exception as exc:  # pragma: no cover - defensive
-                    _internal_errors.report("loop.stop", exc)
-
-        await self.app(scope, wrapped_receive, wrapped_send)

@@ -249,6 +249,7 @@ async def test_background_task_blocking_is_reported_outside_the_request(
     assert blocked_events(server) == []
     [log] = blocked_logs(logs)
     assert log["in_request"] is False
+    assert "route" not in log and "request_id" not in log  # not charged to the request
     assert log["location"] == f"{__file__}:{line_of('# BLOCK-BACKGROUND', __file__)}"
 
 
