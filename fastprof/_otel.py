@@ -21,6 +21,7 @@ __all__ = [
     "detach_context",
     "error_type",
     "fastprof_tracer",
+    "hex_ids",
 ]
 
 #: Instrumentation scope of every span fastprof creates.
@@ -37,6 +38,13 @@ def fastprof_tracer(tracer_provider: TracerProvider | None) -> Tracer:
             f"got {type(tracer_provider).__name__}"
         )
     return tracer_provider.get_tracer(TRACER_NAME, __version__)
+
+
+def hex_ids(span_context: trace.SpanContext) -> tuple[str, str] | None:
+    """``(trace_id, span_id)`` as the 32/16 hex digits logs and links use, or ``None``."""
+    if not span_context.is_valid:
+        return None
+    return format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
 
 
 def error_type(exc: BaseException) -> str:

@@ -59,7 +59,7 @@ class Sample:
 class Block:
     """A block seen by the watchdog: the samples taken while it lasted."""
 
-    __slots__ = ("due", "reported", "samples", "seq", "skipped")
+    __slots__ = ("due", "reported", "samples", "seq")
 
     def __init__(self, seq: int, due: float) -> None:
         self.seq = seq
@@ -67,7 +67,6 @@ class Block:
         self.due = due
         self.samples: list[Sample] = []
         #: Samples not kept because :attr:`LoopWatchdog.max_samples` was reached.
-        self.skipped = 0
         #: Set by whoever reported the block (so it is reported once).
         self.reported = False
 
@@ -212,13 +211,11 @@ class LoopWatchdog:
         self._block = block
         interval = self.sample_interval_s
         while self._beat[0] == seq and not stop.is_set():
-            if len(block.samples) < self.max_samples:
+            if len(block.samples) < self.max_samples:  # past it: wait for the end only
                 sample = self._sample(loop)
                 # Keep it only if the loop was still blocked when it was taken.
                 if sample is not None and self._beat[0] == seq:
                     block.samples.append(sample)
-            else:
-                block.skipped += 1
             if loop.is_closed() or stop.wait(interval):
                 return
 

@@ -39,6 +39,7 @@ from typing import Any
 from opentelemetry import trace
 
 from fastprof._context import current_request
+from fastprof._otel import hex_ids
 
 __all__ = ["RequestContextFilter", "add_request_context", "request_context"]
 
@@ -55,9 +56,9 @@ def request_context() -> dict[str, str]:
     span_context = trace.get_current_span().get_span_context()
     if not span_context.is_valid and state is not None:
         span_context = state.span.get_span_context()
-    if span_context.is_valid:
-        fields["trace_id"] = format(span_context.trace_id, "032x")
-        fields["span_id"] = format(span_context.span_id, "016x")
+    ids = hex_ids(span_context)
+    if ids is not None:
+        fields["trace_id"], fields["span_id"] = ids
     return fields
 
 

@@ -44,6 +44,7 @@ from starlette.types import Scope
 from fastprof._context import RequestState, current_request
 from fastprof._frames import is_library
 from fastprof._options import check_int, check_seconds
+from fastprof._otel import hex_ids
 from fastprof._watchdog import Block, Frame, LoopWatchdog, Sample
 from fastprof.metrics import LoopMetrics, ThreadpoolSnapshot
 from fastprof.middleware import RequestHooks
@@ -89,10 +90,7 @@ class _Entry:
 
 
 def _span_ids(state: RequestState) -> tuple[str | None, str | None]:
-    ctx = state.span.get_span_context()
-    if not ctx.is_valid:
-        return None, None
-    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+    return hex_ids(state.span.get_span_context()) or (None, None)
 
 
 class _RateLimit:

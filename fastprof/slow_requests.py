@@ -36,12 +36,13 @@ import structlog
 
 from fastprof._context import RequestState, Timing
 from fastprof._options import check_int, check_seconds
+from fastprof._otel import hex_ids
 from fastprof.middleware import RequestHooks
 
 __all__ = ["SlowRequestLog"]
 
 ENDPOINT_KINDS: Final = frozenset({"endpoint"})
-SERIALIZATION_KINDS: Final = frozenset({"serialization", "serialize", "response_serialization"})
+SERIALIZATION_KINDS: Final = frozenset({"serialization"})
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
@@ -112,11 +113,7 @@ class SlowRequestLog(RequestHooks):
             if timing.threadpool_wait_s > 0.0:
                 item["threadpool_wait_s"] = _r(timing.threadpool_wait_s)
             dependencies.append(item)
-        trace_id = span_id = None
-        ctx = state.span.get_span_context()
-        if ctx.is_valid:
-            trace_id = format(ctx.trace_id, "032x")
-            span_id = format(ctx.span_id, "016x")
+        trace_id, span_id = hex_ids(state.span.get_span_context()) or (None, None)
         fields: dict[str, Any] = {
             "route": state.route,
             "path": state.path if state.route is None else None,
