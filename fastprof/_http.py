@@ -17,6 +17,7 @@ from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 
 __all__ = [
     "KNOWN_METHODS",
+    "SPAN_METHODS",
     "MAX_PROPAGATION_HEADER_BYTES",
     "QueryPolicy",
     "RawHeaders",
@@ -205,11 +206,16 @@ def truncate(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[:limit]
 
 
-def method_attributes(method: str) -> tuple[str, dict[str, Any]]:
-    """Return (span name method, method attributes) for ``method``."""
+#: The method part of a span name: the method if known, else ``HTTP`` (a dict
+#: lookup, on every request).
+SPAN_METHODS: Final = {m: m for m in KNOWN_METHODS}
+
+
+def method_attributes(method: str) -> dict[str, Any]:
+    """The semantic-convention attributes of ``method`` (unknown ones as ``_OTHER``)."""
     if method in KNOWN_METHODS:
-        return method, {"http.request.method": method}
-    return "HTTP", {
+        return {"http.request.method": method}
+    return {
         "http.request.method": "_OTHER",
         "http.request.method_original": truncate(method, 64),
     }

@@ -36,8 +36,11 @@ def check_rate(name: str, value: object) -> float:
     return float(value)
 
 
-def check_header_name(name: str, value: object) -> str:
-    """``value`` as an HTTP header name such as ``X-Request-ID``."""
+def check_header_name(name: str, value: object) -> bytes | None:
+    """``value``, an HTTP header name such as ``X-Request-ID`` or ``None``, as the
+    lower-case bytes ASGI servers use (``None`` stays ``None``)."""
+    if value is None:
+        return None
     if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value):
         raise ValueError(f"{name}: expected a header name like 'X-Request-ID', got {value!r}")
-    return value
+    return value.lower().encode("latin-1")

@@ -16,8 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fastprof import _internal_errors
 from fastprof._context import SCOPE_KEY, RequestState, current_request
 from fastprof._http import (
-    KNOWN_METHODS,
     SENSITIVE_QUERY_KEYS,
+    SPAN_METHODS,
     QueryPolicy,
     extract_context,
     find_header,
@@ -161,10 +161,10 @@ class FastprofMiddleware:
         if query not in _QUERY_POLICIES:
             raise ValueError(f"query: expected one of {_QUERY_POLICIES}, got {query!r}")
         check_int("max_attribute_length", max_attribute_length, 16, 65536)
-        if request_id_header is not None:
-            check_header_name("request_id_header", request_id_header)
-        if response_request_id_header is not None:
-            check_header_name("response_request_id_header", response_request_id_header)
+        request_id_key = check_header_name("request_id_header", request_id_header)
+        response_id_key = check_header_name(
+            "response_request_id_header", response_request_id_header
+        )
         hooks = tuple(hooks)
         for hook in hooks:
             if not isinstance(hook, RequestHooks):
@@ -174,14 +174,8 @@ class FastprofMiddleware:
         self._tracer = tracer
         self._drop_fast_path = drop_fast_path(tracer)
         self._exclude = _compile_exclude(exclude)
-        self._request_id_header = (
-            request_id_header.lower().encode("latin-1") if request_id_header else None
-        )
-        self._response_request_id_header = (
-            response_request_id_header.lower().encode("latin-1")
-            if response_request_id_header
-            else None
-        )
+        self._request_id_header = request_id_key
+        self._response_request_id_header = response_id_key
         self._query: QueryPolicy = query
         if isinstance(redact_query_keys, str) or not all(
             isinstance(k, str) for k in redact_query_keys
@@ -334,7 +328,7 @@ class _Request(_LeanRequest):
                 parent = extract_context(headers)
                 span = fast(parent) if fast is not None else None
             # else: the lean path already asked the fast path, which can't serve it.
-            span_method = self._span_method = _SPAN_METHODS.get(method, "HTTP")
+            span_method = self._span_method = SPAN_METHODS.get(method, "HTTP")
             if span is None:
                 span = mw._tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
                 recording = span.is_recording()
@@ -357,7 +351,7 @@ class _Request(_LeanRequest):
             self.lean = False
             # One batch: every set_attribute call on an SDK span takes its lock.
             attrs = (
-                self._request_attributes(scope, headers, method_attributes(method)[1])
+                self._request_attributes(scope, headers, method_attributes(method))
                 if self._owned
                 else {}
             )
@@ -562,9 +556,6 @@ class _Request(_LeanRequest):
             attrs["error.type"] = failure
             span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attrs)
-
-
-_SPAN_METHODS: Final = {m: m for m in KNOWN_METHODS}
 
 
 def _route_resolver(scope: Scope, path: str) -> Callable[[], str | None]:

@@ -128,10 +128,8 @@ class Profiling(RequestHooks):
         rng: Callable[[], float] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        if header is not None:
-            check_header_name("header", header)
-        if response_header is not None:
-            check_header_name("response_header", response_header)
+        header_key = check_header_name("header", header)
+        response_header_key = check_header_name("response_header", response_header)
         self._secrets: tuple[bytes, ...] = ()
         if secret is not None:
             self._secrets = normalize_secrets(secret, "secret")
@@ -168,9 +166,7 @@ class Profiling(RequestHooks):
         check_int("embed_max_bytes", embed_max_bytes, 0, 1024 * 1024)
         check_int("writer_queue_size", writer_queue_size, 1, 1024)
 
-        self._header = (
-            header.lower().encode("latin-1") if header is not None and self._secrets else None
-        )
+        self._header = header_key if self._secrets else None
         self.query_param = query_param  # redacted from url.query by instrument()
         self._query_key = query_param if dev_mode else None
         self._query_probe = (query_param + "=").encode("latin-1")
@@ -189,9 +185,7 @@ class Profiling(RequestHooks):
         self.max_duration_s = float(max_duration_s)
         self.store: ProfileStore = store if store is not None else MemoryStore()
         self.base_url = base_url.rstrip("/") if base_url is not None else None
-        self._response_header = (
-            response_header.lower().encode("latin-1") if response_header else None
-        )
+        self._response_header = response_header_key
         self._top_frames = top_frames
         self._embed_max_bytes = embed_max_bytes
         self._writer = Writer(writer_queue_size)
