@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,6 +69,35 @@ def spans() -> Iterator[Spans]:
     sink = Spans()
     yield sink
     sink.provider.shutdown()
+
+
+class _EndedTwice(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "ended span" in message:
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def _no_span_ended_twice() -> Iterator[None]:
+    """Every test: no span is ended twice or changed after it ended.
+
+    The SDK ignores both with only a warning ("Calling end() on an ended span",
+    "Setting attribute on ended span", ...), so span-count assertions alone
+    cannot see them.
+    """
+    handler = _EndedTwice()
+    sdk_logger = logging.getLogger("opentelemetry.sdk.trace")
+    sdk_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        sdk_logger.removeHandler(handler)
+    assert handler.messages == []
 
 
 @pytest.fixture(autouse=True)
