@@ -26,13 +26,16 @@ class Recording:
     sent: list[Message] = field(default_factory=list)
     exception: tuple[type[BaseException], str] | None = None
     exception_object: BaseException | None = None
-
-    def normalised(self) -> tuple[list[Message], tuple[type[BaseException], str] | None]:
-        return self.sent, self.exception
+    #: The lifespan state the app left (``drive_lifespan``).
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 def _http_scope(
-    method: str, path: str, query: bytes, headers: Sequence[tuple[bytes, bytes]]
+    method: str,
+    path: str,
+    query: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "type": "http",
@@ -47,7 +50,7 @@ def _http_scope(
         "headers": [(b"host", b"testserver"), *headers],
         "client": ("127.0.0.1", 50000),
         "server": ("testserver", 80),
-        "state": {},
+        "state": dict(state or {}),  # a server copies the lifespan state per request
     }
 
 
@@ -59,8 +62,8 @@ async def drive_http(
     query: bytes = b"",
     headers: Sequence[tuple[bytes, bytes]] = (),
     body_chunks: Sequence[bytes] = (b"",),
-    disconnect_after_start: bool = False,
     hang_up: bool = False,
+    state: dict[str, Any] | None = None,
 ) -> Recording:
     """Send one HTTP request through ``app`` and record every message it sends.
 
@@ -70,7 +73,7 @@ async def drive_http(
     rec = Recording()
     done = anyio.Event()
     chunks = list(body_chunks)
-    scope = _http_scope(method, path, query, headers)
+    scope = _http_scope(method, path, query, headers, state)
 
     async def receive() -> Message:
         if chunks:
@@ -82,16 +85,11 @@ async def drive_http(
 
     async def send(message: Message) -> None:
         rec.sent.append(copy.deepcopy(message))
-        if message["type"] == "http.response.start" and disconnect_after_start:
-            done.set()
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             done.set()
 
     try:
-        await app(scope, receive, send)
-    except BaseException as exc:  # recorded, compared
-        rec.exception = (type(exc), str(exc))
-        rec.exception_object = exc
+        await _run(rec, app, scope, receive, send)
     finally:
         done.set()
     return rec
@@ -141,6 +139,7 @@ async def drive_lifespan(app: ASGIApp) -> Recording:
 
     scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": state}
     await _run(rec, app, scope, receive, send)
+    rec.state = state
     return rec
 
 

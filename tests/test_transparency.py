@@ -42,7 +42,7 @@ class Handled(Exception):
     pass
 
 
-def _provider(native: bool, sampled: bool = True) -> TracerProvider:
+def _provider(sampled: bool = True) -> TracerProvider:
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
     tp = TracerProvider(sampler=ALWAYS_ON if sampled else ALWAYS_OFF)
@@ -81,7 +81,7 @@ def make_fastapi(
             log.append("shutdown")
 
         telemetry: dict[str, Any] = (
-            {"tracer_provider": _provider(native)} if native else {"tracing": False}
+            {"tracer_provider": _provider()} if native else {"tracing": False}
         )
         kwargs: dict[str, Any] = {"lifespan": lifespan}
         if "telemetry" in FastAPI.__init__.__code__.co_varnames:
@@ -178,7 +178,7 @@ def make_fastapi(
 
         if instrumented:
             extra = everything() if features else {}
-            fastprof.instrument(app, tracer_provider=_provider(False, sampled), **extra)
+            fastprof.instrument(app, tracer_provider=_provider(sampled), **extra)
         return app
 
     return factory, effects
@@ -186,7 +186,7 @@ def make_fastapi(
 
 HTTP_CASES: list[tuple[str, dict[str, Any]]] = [
     ("/json", {}),
-    ("/state", {}),
+    ("/state", {"state": {"greeting": "hello"}}),  # what the lifespan yields
     ("/created", {}),
     ("/nocontent", {}),
     ("/cookies", {}),
@@ -222,8 +222,11 @@ async def test_http_messages_identical(path: str, options: dict[str, Any], confi
     async def driver(app: Any) -> Recording:
         return await drive_http(app, "GET", path, **options)
 
-    await assert_transparent(factory, driver)
+    bare, _ = await assert_transparent(factory, driver)
     assert effects[True] == effects[False]
+    if path == "/state":  # the request sees the lifespan state, with and without fastprof
+        assert bare.sent[0]["status"] == 200
+        assert bare.sent[1]["body"] == b'{"greeting":"hello"}'
 
 
 @pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "DELETE", "FOO"])
@@ -280,6 +283,7 @@ async def test_lifespan_identical_and_state_preserved(features: bool) -> None:
         "lifespan.shutdown.complete",
     ]
     assert effects[True] == ["startup", "shutdown"]
+    assert inst.state == bare.state == {"greeting": "hello"}
 
 
 async def test_lifespan_startup_failure_identical() -> None:
@@ -291,7 +295,7 @@ async def test_lifespan_startup_failure_identical() -> None:
 
         app = Starlette(lifespan=lifespan)
         if instrumented:
-            fastprof.instrument(app, tracer_provider=_provider(False))
+            fastprof.instrument(app, tracer_provider=_provider())
         return app
 
     bare, inst = await assert_transparent(factory, drive_lifespan)
@@ -310,7 +314,7 @@ def make_starlette() -> Callable[[bool], Starlette]:
     def factory(instrumented: bool) -> Starlette:
         app = Starlette(routes=[Route("/hello/{name}", hello), WebSocketRoute("/ws", ws)])
         if instrumented:
-            fastprof.instrument(app, tracer_provider=_provider(False))
+            fastprof.instrument(app, tracer_provider=_provider())
         return app
 
     return factory
