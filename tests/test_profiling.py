@@ -176,6 +176,16 @@ async def test_sampling_per_route_rules(spans) -> None:
     spans.clear()
     await asgi_call(app, "/beta")
     assert profiling.stats()["started"] == 10
+    # A rule can also lower the global rate to nothing for a route.
+    lowered = fastprof.Profiling(
+        sample_rate=1.0, sample_routes={"/alpha": 0.0}, max_per_minute=10_000, rng=rng.random
+    )
+    app = make_app(lowered, spans)
+    for _ in range(5):
+        await asgi_call(app, "/alpha")
+    assert lowered.stats().get("started", 0) == 0
+    await asgi_call(app, "/beta")
+    assert lowered.stats()["started"] == 1
 
 
 @pytest.mark.anyio

@@ -65,7 +65,20 @@ def test_memory_store_ttl() -> None:
 )
 def test_invalid_ids_are_refused(tmp_path, bad: object) -> None:
     assert not valid_profile_id(bad)
-    for store in (MemoryStore(), FileStore(tmp_path)):
+    store_dir = tmp_path / "store"
+    file_store = FileStore(store_dir, clock=Clock())
+    file_store.put(meta(1), b"kept")
+    # Files a path trick could reach, if ids were not checked before use.
+    (tmp_path / ("a" * 29 + ".profile")).write_bytes(b"outside")
+    for name in ("A" * 32, "a" * 31, "a" * 33, "g" * 32):
+        (store_dir / (name + ".profile")).write_bytes(b"planted")
+    memory_store = MemoryStore(clock=Clock())
+    memory_store.put(meta(1), b"kept")
+    for store in (memory_store, file_store):
+        assert store.get(pid(1)) == b"kept"  # the store does serve valid ids
+        assert store.get(bad) is None  # type: ignore[arg-type]
+        meta_bad = ProfileMeta(bad, created=1_000_000.0)  # type: ignore[arg-type]
+        store.put(meta_bad, b"refused")
         assert store.get(bad) is None  # type: ignore[arg-type]
 
 
@@ -117,7 +130,6 @@ def test_file_store_ttl(tmp_path) -> None:
 def test_file_store_ignores_foreign_and_temp_files(tmp_path) -> None:
     (tmp_path / ".tmp-abc").write_bytes(b"partial")
     (tmp_path / "notes.txt").write_bytes(b"hi")
-    (tmp_path / ("../" + pid(1))).parent.mkdir(exist_ok=True)
     store = FileStore(tmp_path, max_count=1)
     store.put(meta(1), b"one")
     store.put(meta(2), b"two")
