@@ -9,10 +9,16 @@ import hmac
 import io
 import json
 import os
+import re
+import sys
 import threading
 
 import pytest
+from pyinstrument import Profiler, stack_sampler
+from pyinstrument.frame_info import frame_info_get_identifier
+from pyinstrument.profiler import ActiveProfilerSession
 from pyinstrument.session import Session
+from pyinstrument.stack_sampler import AsyncState, build_call_stack
 
 from fastprof.profiling import _capture, _documents
 from fastprof.profiling._tokens import _Signer
@@ -207,3 +213,157 @@ def test_embedded_documents_are_always_compressed() -> None:
     embedded = _documents.encode(_sample_session(), {}, always_compress=True)
     assert gzip.decompress(embedded) == gzip.decompress(stored)
     assert len(embedded) < len(stored)
+
+
+def _nested(depth: int, fn):  # type: ignore[no-untyped-def]
+    return fn() if depth == 0 else _nested(depth - 1, fn)
+
+
+class _Holder:
+    def method(self):  # type: ignore[no-untyped-def]
+        return _capture._start_call_stack(sys._getframe()), build_call_stack(
+            sys._getframe(), "initial", None
+        )
+
+
+def test_start_stack_has_pyinstruments_identifiers_and_lines() -> None:
+    for _ in range(2):  # the second pass reads the per-code cache
+        ours, theirs = _nested(5, _Holder().method)
+        assert [frame_info_get_identifier(f) for f in ours] == [
+            frame_info_get_identifier(f) for f in theirs
+        ]
+        # Same line numbers; only the class-name and hidden-frame attributes are left out.
+        assert [re.sub("\x01(c[^\x01]*|h1)", "", f) for f in theirs] == ours
+        assert any("\x01c_Holder" in f for f in theirs)
+
+
+def test_start_stack_cache_is_bounded_and_checks_code_identity(monkeypatch) -> None:
+    monkeypatch.setattr(_capture, "_FRAME_STRINGS", {})
+    monkeypatch.setattr(_capture, "_FRAME_STRINGS_MAX", 2)
+    frame = sys._getframe()
+    # An entry for another code object under this code's id (ids are reused
+    # after a code object is freed) is not used.
+    _capture._FRAME_STRINGS[id(frame.f_code)] = (_nested.__code__, "bogus\x00", {})
+    stack = _capture._start_call_stack(frame)
+    assert not any(f.startswith("bogus") for f in stack)
+    assert stack[-1].startswith(f"{frame.f_code.co_name}\x00{__file__}\x00")
+    assert len(_capture._FRAME_STRINGS) <= 2
+
+
+def _strict_profiler_records(calls: list[tuple[list[str], float, AsyncState | None]]) -> list:
+    profiler = Profiler(interval=0.001, async_mode="strict")
+    profiler._active_session = ActiveProfilerSession(
+        start_time=0.0,
+        start_process_time=0.0,
+        start_call_stack=[],
+        target_description="",
+        interval=0.001,
+    )
+    for call in calls:
+        profiler._sampler_saw_call_stack(*call)
+    return profiler._active_session.frame_records
+
+
+def test_task_sampler_records_what_a_strict_profiler_records() -> None:
+    stack = [_frame("MainThread", "<thread>", 1), _frame("handler", APP, 20)]
+    waiting = [_frame("MainThread", "<thread>", 1), _frame("waiter", LIB, 7)]
+    calls = [
+        (stack, 0.001, AsyncState("in_context")),
+        (stack, 0.002, AsyncState("out_of_context_awaited", info=waiting)),
+        (stack, 0.003, AsyncState("out_of_context_unknown", info=waiting)),
+        (stack, 0.004, None),
+    ]
+    sampler = _capture._TaskSampler(0.001)
+    for call in calls:
+        sampler._saw_call_stack(*call)
+    assert sampler.frame_records == _strict_profiler_records(calls)
+    assert sampler.frame_records[1][0][-1] == "[await]"
+    assert sampler.frame_records[2][0][-1] == "[out-of-context]"
+
+
+def _count_stack_builds(monkeypatch) -> list[int]:
+    """Counts pyinstrument's full call-stack builds (each sample or context change)."""
+    builds = [0]
+    original = stack_sampler.build_call_stack
+
+    def counting(*args):  # type: ignore[no-untyped-def]
+        builds[0] += 1
+        return original(*args)
+
+    monkeypatch.setattr(stack_sampler, "build_call_stack", counting)
+    return builds
+
+
+def _sampling_stopped() -> bool:
+    return (
+        not stack_sampler.get_stack_sampler().subscribers
+        and sys.getprofile() is None
+        and stack_sampler.active_profiler_context_var.get() is None
+    )
+
+
+@pytest.mark.anyio
+async def test_stopping_a_profile_builds_no_stack_for_it(monkeypatch) -> None:
+    builds = _count_stack_builds(monkeypatch)
+    # A long interval: no sample is due, so any build is the context change.
+    capture = _capture.ProfileCapture("a" * 32, trigger="header", interval_s=10.0, on_done=id)
+    capture.start(sys._getframe(), max_duration_s=60)
+    builds[0] = 0
+    session = capture.stop()
+    assert builds[0] == 0
+    assert session is not None and session.start_call_stack[-1].startswith("test_stopping")
+    assert _sampling_stopped()
+    # Control: pyinstrument's own stop, at the same depth, builds the stack once.
+    profiler = Profiler(interval=10.0, async_mode="strict")
+    profiler.start()
+    builds[0] = 0
+    profiler.stop()
+    assert builds[0] == 1
+    assert _sampling_stopped()
+
+
+@pytest.mark.anyio
+async def test_stopping_one_profile_keeps_a_concurrent_one_sampling() -> None:
+    started = [asyncio.Event(), asyncio.Event()]
+    release = [asyncio.Event(), asyncio.Event()]
+    stopped = asyncio.Event()
+    targets: list[object] = []
+
+    async def request(index: int) -> None:
+        capture = _capture.ProfileCapture("b" * 32, trigger="header", interval_s=0.001, on_done=id)
+        capture.start(sys._getframe(), max_duration_s=60)
+        targets.append(capture._sampler._saw_call_stack)
+        started[index].set()
+        await release[index].wait()
+        capture.stop()
+        assert stack_sampler.active_profiler_context_var.get() is None
+        stopped.set()
+
+    tasks = [asyncio.create_task(request(i)) for i in range(2)]
+    await asyncio.gather(started[0].wait(), started[1].wait())
+    sampler = stack_sampler.get_stack_sampler()
+    assert [s.target for s in sampler.subscribers] == targets
+    release[0].set()
+    await stopped.wait()
+    assert [s.target for s in sampler.subscribers] == [targets[1]]
+    assert sampler.current_sampling_interval == 0.001 and sys.getprofile() is not None
+    release[1].set()
+    await asyncio.gather(*tasks)
+    assert _sampling_stopped()
+
+
+@pytest.mark.anyio
+async def test_unknown_pyinstrument_internals_use_the_public_unsubscribe(monkeypatch) -> None:
+    monkeypatch.setattr(_capture, "_active_profiler", None)
+    builds = _count_stack_builds(monkeypatch)
+    capture = _capture.ProfileCapture("c" * 32, trigger="header", interval_s=10.0, on_done=id)
+    capture.start(sys._getframe(), max_duration_s=60)
+    builds[0] = 0
+    assert capture.stop() is not None
+    assert builds[0] == 1  # pyinstrument's unsubscribe: the context change is seen
+    assert _sampling_stopped()
+
+
+def test_unsubscribing_a_stranger_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="not subscribed"):
+        _capture._unsubscribe(print)

@@ -1,8 +1,10 @@
 """One request's profile: pyinstrument on the request task plus its worker-thread calls.
 
-The request's own async work is sampled by a ``Profiler(async_mode="strict")``
-started in the request task (and its child tasks, which inherit its context).
-Strict, not "enabled": in "enabled" mode, time when the request's task is
+The request's own async work is sampled in the request task (and its child
+tasks, which inherit its context) the way ``Profiler(async_mode="strict")``
+samples it, by :class:`_TaskSampler`, a subscriber of pyinstrument's stack
+sampler (see its docstring for why not the ``Profiler`` itself). Strict, not
+"enabled": in "enabled" mode, time when the request's task is
 suspended on something that is not a coroutine (a worker-thread future, for
 instance) is attributed to whatever else runs on the loop, i.e. to other
 requests. In strict mode it shows as ``[await]`` (awaiting a coroutine) or
@@ -21,15 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
+from time import process_time
 from typing import Any
 
 from pyinstrument import Profiler
+from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER, OUT_OF_CONTEXT_FRAME_IDENTIFIER
 from pyinstrument.frame_info import frame_info_get_identifier
 from pyinstrument.session import Session
+from pyinstrument.stack_sampler import get_stack_sampler
 
 from fastprof import _internal_errors
 from fastprof._frames import is_library
@@ -65,8 +71,147 @@ def _clear_stale_async_profiler() -> None:
     if target is None:
         return
     owner = getattr(target, "__self__", None)
-    if isinstance(owner, Profiler) and not owner.is_running:
+    if isinstance(owner, _TaskSampler) and not owner.running:
         _active_profiler.set(None)
+
+
+class _TaskSampler:
+    """The request task's samples: what ``Profiler(async_mode="strict")`` records.
+
+    A subscriber of pyinstrument's per-thread stack sampler that records samples
+    exactly as ``Profiler._sampler_saw_call_stack`` does in strict mode. It
+    differs from a ``Profiler`` in two places, both costs of a profile that
+    pyinstrument's own start and stop pay on the event loop:
+
+    * the start stack is built without reading every frame's locals (see
+      :func:`_start_call_stack`);
+    * :meth:`stop` removes the subscriber before clearing the async context
+      marker. ``StackSampler.unsubscribe`` clears the marker first, so the
+      sampler sees a context change while the subscriber is still registered and
+      builds the full call stack of the stopping frame for a subscriber that is
+      about to go. If pyinstrument's internals are not the expected ones, the
+      public ``unsubscribe`` is used.
+    """
+
+    __slots__ = (
+        "frame_records",
+        "interval",
+        "running",
+        "start_call_stack",
+        "start_process_time",
+        "start_time",
+    )
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.frame_records: list[tuple[list[str], float]] = []
+        self.start_call_stack: list[str] = []
+        self.start_time = 0.0
+        self.start_process_time = 0.0
+        self.running = False
+
+    def start(self, caller_frame: Any) -> None:
+        self.start_time = time.time()
+        self.start_process_time = process_time()
+        self.start_call_stack = _start_call_stack(caller_frame)
+        get_stack_sampler().subscribe(
+            self._saw_call_stack, desired_interval=self.interval, use_async_context=True
+        )
+        self.running = True
+
+    def _saw_call_stack(
+        self, call_stack: list[str], time_since_last_sample: float, async_state: Any
+    ) -> None:
+        if async_state is not None and async_state.state == "out_of_context_awaited":
+            stack = [*async_state.info, AWAIT_FRAME_IDENTIFIER]
+        elif async_state is not None and async_state.state == "out_of_context_unknown":
+            stack = [*async_state.info, OUT_OF_CONTEXT_FRAME_IDENTIFIER]
+        else:
+            stack = call_stack
+        self.frame_records.append((stack, time_since_last_sample))
+
+    def stop(self, target_description: str) -> Session:
+        _unsubscribe(self._saw_call_stack)
+        self.running = False
+        cpu_time = process_time() - self.start_process_time
+        records = self.frame_records
+        return Session(
+            frame_records=records,
+            start_time=self.start_time,
+            duration=time.time() - self.start_time,
+            min_interval=self.interval,
+            max_interval=self.interval,
+            sample_count=len(records),
+            target_description=target_description,
+            start_call_stack=self.start_call_stack,
+            cpu_time=cpu_time,
+            sys_path=sys.path,
+            sys_prefixes=Session.current_sys_prefixes(),
+        )
+
+
+def _start_call_stack(frame: Any) -> list[str]:
+    """The frames from the thread's root down to ``frame``, as pyinstrument frame strings.
+
+    What ``build_call_stack(frame, "initial", None)`` returns, without the
+    class-name and hidden-frame attributes: working those out reads every
+    frame's locals, which made this stack cost more than the rest of starting a
+    profile. pyinstrument uses the start stack by frame identifier only (to trim
+    the stem above where profiling started), and frames keep the attributes
+    recorded by the samples. The frames above a request's middleware are the
+    same from request to request, so each (code, instruction) string is made
+    once per process (a code object's own hash is computed from its contents at
+    every lookup: the cache is keyed by its id and checks identity).
+    """
+    stack: list[str] = []
+    cache = _FRAME_STRINGS
+    while frame is not None:
+        code = frame.f_code
+        entry = cache.get(id(code))
+        if entry is None or entry[0] is not code:
+            if len(cache) >= _FRAME_STRINGS_MAX:
+                cache.clear()
+            entry = cache[id(code)] = (
+                code,
+                f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}\x01l",
+                {},
+            )
+        lines = entry[2]
+        text = lines.get(frame.f_lasti)
+        if text is None:
+            if len(lines) >= _FRAME_STRINGS_MAX:
+                lines.clear()
+            text = lines[frame.f_lasti] = f"{entry[1]}{frame.f_lineno}"
+        stack.append(text)
+        frame = frame.f_back
+    thread = threading.current_thread()
+    stack.append(f"{thread.name}\x00<thread>\x00{thread.ident}")
+    stack.reverse()
+    return stack
+
+
+#: id(code) -> (code, the start of its frame strings, {instruction offset: frame string}).
+#: Bounded: cleared when full.
+_FRAME_STRINGS: dict[int, tuple[Any, str, dict[int, str]]] = {}
+_FRAME_STRINGS_MAX = 4096
+
+
+def _unsubscribe(target: Callable[..., None]) -> None:
+    """Remove ``target`` from this thread's stack sampler, then clear the async marker."""
+    sampler = get_stack_sampler()
+    subscribers = getattr(sampler, "subscribers", None)
+    update = getattr(sampler, "_update", None)
+    if _active_profiler is None or not isinstance(subscribers, list) or not callable(update):
+        sampler.unsubscribe(target)
+        return
+    for index, subscriber in enumerate(subscribers):
+        if getattr(subscriber, "target", None) == target:
+            del subscribers[index]
+            update()  # no subscriber left: sampling stops before the marker changes
+            if getattr(subscriber, "bound_to_async_context", True):
+                _active_profiler.set(None)
+            return
+    raise RuntimeError("fastprof: the profile's sampler was not subscribed on this thread")
 
 
 def _callable_name(fn: Callable[..., Any]) -> str:
@@ -93,7 +238,7 @@ class ProfileCapture:
         self.truncated = False
         self.started_at = time.time()
         self._on_done = on_done
-        self._profiler = Profiler(interval=interval_s, async_mode="strict")
+        self._sampler = _TaskSampler(interval_s)
         # Worker-thread samples: (worker frame, stack below the hook, duration).
         # Grafted under the request's start stack when the profile stops.
         self._worker_records: list[tuple[str, list[str], float]] = []
@@ -116,7 +261,7 @@ class ProfileCapture:
         else:
             self._cap_handle = loop.call_later(max_duration_s, self._hit_duration_cap)
         try:
-            self._profiler.start(caller_frame=caller_frame, target_description="fastprof request")
+            self._sampler.start(caller_frame)
         except BaseException:
             handle, self._cap_handle = self._cap_handle, None
             if handle is not None:
@@ -137,7 +282,7 @@ class ProfileCapture:
                 return self.session
             self._stopped = True
         try:
-            session = self._profiler.stop()
+            session = self._sampler.stop("fastprof request")
             with self._lock:
                 worker_records = self._worker_records
                 self._worker_records = []
