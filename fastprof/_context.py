@@ -76,6 +76,11 @@ class RequestState:
     #: worker thread for this request is called as ``worker_hook(fn)``
     #: instead of ``fn()``, so the profile can cover the worker thread.
     worker_hook: Callable[[Callable[[], Any]], Any] | None = None
+    #: When set (by an active profile), called once as the response completes,
+    #: before fastprof's own end-of-request work (route, span attributes,
+    #: ``on_request_end`` hooks), so that work is neither in the profile nor
+    #: slowed by its sampler.
+    stop_profile: Callable[[], Any] | None = None
 
     def __init__(
         self,

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import random
 import re
+import sys
 import time
+from typing import Any
 
 import anyio
 import httpx
 import pytest
+from fastapi import FastAPI
 
 import fastprof
 from fastprof import _internal_errors
@@ -57,6 +60,80 @@ async def test_valid_token_profiles_request(spans) -> None:
     assert any("spin" in f or "async_hot_alpha" in f for f in functions[:3]), functions
     assert "async_hot_alpha" in frames_of(profiling, profile_id)
     assert profiling.stats()["stored"] == 1
+
+
+@pytest.mark.anyio
+async def test_profile_without_samples_is_stored_without_a_hot_frames_event(spans) -> None:
+    """No sample (a request shorter than the interval): nothing is hot, so no event."""
+    profiling = fastprof.Profiling(secret=SECRET, interval_s=1.0)
+    app = make_app(profiling, spans)
+    async with client_for(app) as client:
+        response = await client.get("/items/1", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+    profile_id = response.headers["x-fastprof-profile-id"]
+    (server,) = spans.server()
+    attrs = profile_attrs(server)
+    assert attrs["fastprof.profile.id"] == profile_id
+    assert attrs["fastprof.profile.samples"] == 0
+    assert not [e for e in server.events if e.name == "fastprof.profile"]
+    assert profiling.store.get(profile_id) is not None
+
+
+class _SamplerProbe(fastprof.RequestHooks):
+    """Records whether a profile was still sampling when fastprof's end-of-request work ran."""
+
+    def __init__(self) -> None:
+        self.sampling_at_end: list[bool] = []
+
+    def on_request_end(self, state: fastprof.RequestState) -> None:
+        self.sampling_at_end.append(sys.getprofile() is not None)
+
+
+@pytest.mark.anyio
+async def test_profile_stops_before_fastprofs_end_of_request_work(spans) -> None:
+    """The profile covers the request, not fastprof's own bookkeeping when it completes."""
+    probe = _SamplerProbe()
+    profiling = fastprof.Profiling(secret=SECRET)
+    app = FastAPI()
+
+    @app.get("/x")
+    async def endpoint() -> dict[str, bool]:
+        return {"sampling": sys.getprofile() is not None}
+
+    fastprof.instrument(app, tracer_provider=spans.provider, profiling=profiling, hooks=[probe])
+    async with client_for(app) as client:
+        response = await client.get("/x", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+    assert response.json() == {"sampling": True}
+    assert "x-fastprof-profile-id" in response.headers
+    assert probe.sampling_at_end == [False]
+    assert profile_attrs(spans.server()[0])["fastprof.profile.id"]
+
+
+@pytest.mark.anyio
+async def test_profile_stop_failure_never_fails_the_request(spans, monkeypatch) -> None:
+    """pyinstrument failing to stop: the request is served, the slot is released, no profile."""
+    from fastprof.profiling import _capture
+
+    unsubscribe = _capture._unsubscribe
+
+    def broken(target: Any) -> None:
+        unsubscribe(target)  # sampling stops, then the stop fails
+        raise RuntimeError("sampler gone")
+
+    profiling = fastprof.Profiling(secret=SECRET, max_concurrent=1)
+    app = make_app(profiling, spans)
+    monkeypatch.setattr(_capture, "_unsubscribe", broken)
+    async with client_for(app) as client:
+        response = await client.get("/alpha", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+    monkeypatch.undo()
+    assert response.status_code == 200 and response.json() == {"endpoint": "alpha"}
+    assert _internal_errors.counts()["profile.stop"] == 1
+    assert "fastprof.profile.id" not in profile_attrs(spans.server()[0])
+    # The concurrency slot was released: the next token profiles.
+    spans.clear()
+    async with client_for(app) as client:
+        response = await client.get("/alpha", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+    assert "x-fastprof-profile-id" in response.headers
+    assert profile_attrs(spans.server()[0])["fastprof.profile.id"]
 
 
 def _tokens_that_must_not_profile(clock_now: float) -> dict[str, list[tuple[bytes, bytes]]]:

@@ -501,6 +501,13 @@ class _Request(_LeanRequest):
             return
         self._finished = True
         state = self.state
+        stop_profile = state.stop_profile
+        if stop_profile is not None:
+            state.stop_profile = None
+            try:
+                stop_profile()
+            except Exception as exc:
+                _internal_errors.report("profile.stop", exc)
         try:
             state.finalize_route()
             if self._recording:

@@ -304,6 +304,7 @@ class Profiling(RequestHooks):
         extra[_EXTRA_KEY] = capture
         state.profile_id = capture.profile_id
         state.worker_hook = capture.worker_hook
+        state.stop_profile = capture.stop
 
     def _done(self, capture: ProfileCapture) -> None:
         self._budget.release()
@@ -325,7 +326,8 @@ class Profiling(RequestHooks):
         if capture is None:
             return
         state.worker_hook = None
-        session = capture.stop()
+        state.stop_profile = None
+        session = capture.stop()  # normally stopped already, by ``state.stop_profile``
         if session is None:
             return
         span = state.span
@@ -367,7 +369,9 @@ class Profiling(RequestHooks):
         if capture.truncated:
             attrs["fastprof.profile.truncated"] = True
         span.set_attributes(attrs)
-        if self._top_frames:
+        if self._top_frames and session.frame_records:
+            # A profile without samples has no hot frames: no event (the span's
+            # ``fastprof.profile.samples`` already says 0).
             top = hot_frames(session, self._top_frames)
             span.add_event(
                 "fastprof.profile",
