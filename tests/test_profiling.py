@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 import fastprof
 from fastprof import _internal_errors
-from fastprof.profiling import MemoryStore, mint_token
+from fastprof.profiling import MemoryStore, _documents, mint_token
 from tests._profiling_support import (
     OTHER_SECRET,
     SECRET,
@@ -338,6 +338,21 @@ async def test_sync_dependency_frames_appear_via_worker_hook(spans) -> None:
     frames = frames_of(profiling, response.headers["x-fastprof-profile-id"])
     assert "sync_hot_gamma" in frames
     assert "gamma_dependency [worker thread]" in frames
+    # Grafted under the request's start frame, without the worker thread's own
+    # stack down to the hook (thread bootstrap, executor loop, the hook itself).
+    document = profiling.store.get(response.headers["x-fastprof-profile-id"])
+    assert document is not None
+    _, session = _documents.decode(document)
+    grafted = [
+        [f.split("\x00", 1)[0] for f in stack]
+        for stack, _ in session.frame_records
+        if any("[worker thread]" in f for f in stack)
+    ]
+    assert grafted
+    for names in grafted:
+        at = names.index("gamma_dependency [worker thread]")
+        assert names[:at] == [f.split("\x00", 1)[0] for f in session.start_call_stack]
+        assert not {"_bootstrap", "_bootstrap_inner", "worker_hook"} & set(names[at + 1 :]), names
 
 
 @pytest.mark.anyio

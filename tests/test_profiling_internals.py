@@ -273,7 +273,7 @@ def test_task_sampler_records_what_a_strict_profiler_records() -> None:
         (stack, 0.003, AsyncState("out_of_context_unknown", info=waiting)),
         (stack, 0.004, None),
     ]
-    sampler = _capture._TaskSampler(0.001)
+    sampler = _capture._Sampler(0.001, in_task=True)
     for call in calls:
         sampler._saw_call_stack(*call)
     assert sampler.frame_records == _strict_profiler_records(calls)

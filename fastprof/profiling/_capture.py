@@ -2,7 +2,7 @@
 
 The request's own async work is sampled in the request task (and its child
 tasks, which inherit its context) the way ``Profiler(async_mode="strict")``
-samples it, by :class:`_TaskSampler`, a subscriber of pyinstrument's stack
+samples it, by a :class:`_Sampler`, a subscriber of pyinstrument's stack
 sampler (see its docstring for why not the ``Profiler`` itself). Strict, not
 "enabled": in "enabled" mode, time when the request's task is
 suspended on something that is not a coroutine (a worker-thread future, for
@@ -13,7 +13,7 @@ profiled requests never contain each other's frames.
 
 Sync work that fastprof runs in a worker thread for the request goes
 through :meth:`ProfileCapture.worker_hook`, which samples that one call in that
-thread with its own ``Profiler(async_mode="disabled")``; its samples are grafted
+thread with its own :class:`_Sampler` (no async context); its samples are grafted
 into the request's session under a synthetic ``<fn> [worker thread]`` frame,
 child of the frame that started the profile. Worker time is therefore visible
 twice: as an ``[await]`` in the caller and in detail under the worker frame.
@@ -31,7 +31,6 @@ from contextvars import ContextVar
 from time import process_time
 from typing import Any
 
-from pyinstrument import Profiler
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER, OUT_OF_CONTEXT_FRAME_IDENTIFIER
 from pyinstrument.frame_info import frame_info_get_identifier
 from pyinstrument.session import Session
@@ -71,17 +70,19 @@ def _clear_stale_async_profiler() -> None:
     if target is None:
         return
     owner = getattr(target, "__self__", None)
-    if isinstance(owner, _TaskSampler) and not owner.running:
+    if isinstance(owner, _Sampler) and not owner.running:
         _active_profiler.set(None)
 
 
-class _TaskSampler:
-    """The request task's samples: what ``Profiler(async_mode="strict")`` records.
+class _Sampler:
+    """Samples of this thread: what ``Profiler(async_mode="strict")`` records.
 
     A subscriber of pyinstrument's per-thread stack sampler that records samples
-    exactly as ``Profiler._sampler_saw_call_stack`` does in strict mode. It
-    differs from a ``Profiler`` in two places, both costs of a profile that
-    pyinstrument's own start and stop pay on the event loop:
+    exactly as ``Profiler._sampler_saw_call_stack`` does in strict mode (bound to
+    the current async context when ``in_task``, as a request's profile is; a
+    worker thread's is not, like ``async_mode="disabled"``). It differs from a
+    ``Profiler`` in two places, both costs of a profile that pyinstrument's own
+    start and stop pay on the event loop:
 
     * the start stack is built without reading every frame's locals (see
       :func:`_start_call_stack`);
@@ -94,28 +95,32 @@ class _TaskSampler:
     """
 
     __slots__ = (
+        "cpu_time",
+        "duration",
         "frame_records",
+        "in_task",
         "interval",
         "running",
         "start_call_stack",
-        "start_process_time",
         "start_time",
     )
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, *, in_task: bool) -> None:
         self.interval = interval
+        self.in_task = in_task
         self.frame_records: list[tuple[list[str], float]] = []
         self.start_call_stack: list[str] = []
         self.start_time = 0.0
-        self.start_process_time = 0.0
+        self.duration = 0.0
+        self.cpu_time = 0.0
         self.running = False
 
     def start(self, caller_frame: Any) -> None:
         self.start_time = time.time()
-        self.start_process_time = process_time()
+        self.cpu_time = process_time()
         self.start_call_stack = _start_call_stack(caller_frame)
         get_stack_sampler().subscribe(
-            self._saw_call_stack, desired_interval=self.interval, use_async_context=True
+            self._saw_call_stack, desired_interval=self.interval, use_async_context=self.in_task
         )
         self.running = True
 
@@ -130,21 +135,25 @@ class _TaskSampler:
             stack = call_stack
         self.frame_records.append((stack, time_since_last_sample))
 
-    def stop(self, target_description: str) -> Session:
+    def stop(self) -> None:
         _unsubscribe(self._saw_call_stack)
         self.running = False
-        cpu_time = process_time() - self.start_process_time
+        self.cpu_time = process_time() - self.cpu_time
+        self.duration = time.time() - self.start_time
+
+    def session(self, target_description: str) -> Session:
+        """The samples as a pyinstrument session (after :meth:`stop`)."""
         records = self.frame_records
         return Session(
             frame_records=records,
             start_time=self.start_time,
-            duration=time.time() - self.start_time,
+            duration=self.duration,
             min_interval=self.interval,
             max_interval=self.interval,
             sample_count=len(records),
             target_description=target_description,
             start_call_stack=self.start_call_stack,
-            cpu_time=cpu_time,
+            cpu_time=self.cpu_time,
             sys_path=sys.path,
             sys_prefixes=Session.current_sys_prefixes(),
         )
@@ -238,7 +247,7 @@ class ProfileCapture:
         self.truncated = False
         self.started_at = time.time()
         self._on_done = on_done
-        self._sampler = _TaskSampler(interval_s)
+        self._sampler = _Sampler(interval_s, in_task=True)
         # Worker-thread samples: (worker frame, stack below the hook, duration).
         # Grafted under the request's start stack when the profile stops.
         self._worker_records: list[tuple[str, list[str], float]] = []
@@ -282,30 +291,19 @@ class ProfileCapture:
                 return self.session
             self._stopped = True
         try:
-            session = self._sampler.stop("fastprof request")
+            sampler = self._sampler
+            sampler.stop()
             with self._lock:
                 worker_records = self._worker_records
                 self._worker_records = []
             if worker_records:
-                # The session's start stack is the request's: graft each worker
-                # call under it (computed here, once, not on every start).
-                root = session.start_call_stack
-                grafted = [
+                # Graft each worker call under the request's start stack
+                # (computed here, once, not on every worker call).
+                root = sampler.start_call_stack
+                sampler.frame_records.extend(
                     ([*root, frame, *stack], duration) for frame, stack, duration in worker_records
-                ]
-                session = Session(
-                    frame_records=session.frame_records + grafted,
-                    start_time=session.start_time,
-                    duration=session.duration,
-                    min_interval=session.min_interval,
-                    max_interval=session.max_interval,
-                    sample_count=session.sample_count + len(worker_records),
-                    start_call_stack=session.start_call_stack,
-                    target_description=session.target_description,
-                    cpu_time=session.cpu_time,
-                    sys_path=session.sys_path,
-                    sys_prefixes=session.sys_prefixes,
                 )
+            session = sampler.session("fastprof request")
             self.session = session
             return session
         finally:
@@ -337,11 +335,9 @@ class ProfileCapture:
                 self._worker_dropped += 1
                 return fn()
             self._worker_calls += 1
-        profiler = Profiler(interval=self.interval_s, async_mode="disabled")
+        sampler = _Sampler(self.interval_s, in_task=False)
         try:
-            profiler.start(
-                caller_frame=inspect.currentframe(), target_description="fastprof worker"
-            )
+            sampler.start(inspect.currentframe())
         except Exception as exc:
             _internal_errors.report("profile.worker_start", exc)
             return fn()
@@ -351,11 +347,12 @@ class ProfileCapture:
         finally:
             _tls.active = False
             try:
-                self._merge_worker(profiler.stop(), _callable_name(fn))
+                sampler.stop()
+                self._merge_worker(sampler, _callable_name(fn))
             except Exception as exc:
                 _internal_errors.report("profile.worker_stop", exc)
 
-    def _merge_worker(self, worker: Session, name: str) -> None:
+    def _merge_worker(self, worker: _Sampler, name: str) -> None:
         # Worker stacks start at the thread's bootstrap and go through this hook;
         # keep what is below the hook (grafted under the request's start frame
         # by stop()).
