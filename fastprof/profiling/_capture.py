@@ -84,7 +84,7 @@ class _Sampler:
     ``Profiler`` in two places, both costs of a profile that pyinstrument's own
     start and stop pay on the event loop:
 
-    * the start stack is built without reading every frame's locals (see
+    * the start stack is built without looking into every frame's locals (see
       :func:`_start_call_stack`);
     * :meth:`stop` removes the subscriber before clearing the async context
       marker. ``StackSampler.unsubscribe`` clears the marker first, so the
@@ -163,10 +163,11 @@ def _start_call_stack(frame: Any) -> list[str]:
     """The frames from the thread's root down to ``frame``, as pyinstrument frame strings.
 
     What ``build_call_stack(frame, "initial", None)`` returns, without the
-    class-name and hidden-frame attributes: working those out reads every
-    frame's locals, which made this stack cost more than the rest of starting a
-    profile. pyinstrument uses the start stack by frame identifier only (to trim
-    the stem above where profiling started), and frames keep the attributes
+    class-name and hidden-frame attributes: working those out looks up every
+    frame's local variable names (and, for methods, its locals), which made this
+    stack cost more than the rest of starting a profile. pyinstrument uses the
+    start stack by frame identifier only (to trim the stem above where
+    profiling started), and frames keep the attributes
     recorded by the samples. The frames above a request's middleware are the
     same from request to request, so each (code, instruction) string is made
     once per process (a code object's own hash is computed from its contents at
