@@ -733,7 +733,11 @@ def _leave_solve(tracker: _Tracker, node: _Node, result: Any) -> None:
 
 
 _endpoint_mirrors: dict[int, tuple[Any, Any]] = {}
-_started_ns: ContextVar[list[int] | None] = ContextVar("fastprof_endpoint_start", default=None)
+#: For a sync endpoint run in the thread pool: where its worker thread records the
+#: time it started, and the request's worker hook (set while a profile is active).
+_worker_run: ContextVar[tuple[list[int], Callable[[Callable[[], Any]], Any] | None] | None] = (
+    ContextVar("fastprof_endpoint_worker_run", default=None)
+)
 
 
 def _timed_endpoint(dependant: Any) -> Any:
@@ -744,10 +748,14 @@ def _timed_endpoint(dependant: Any) -> Any:
 
     @functools.wraps(call)
     def endpoint(*args: Any, **kwargs: Any) -> Any:
-        box = _started_ns.get()
-        if box is not None:
-            box.append(time.perf_counter_ns())
-        return call(*args, **kwargs)
+        run = _worker_run.get()
+        if run is None:
+            return call(*args, **kwargs)
+        box, hook = run
+        box.append(time.perf_counter_ns())
+        if hook is None:
+            return call(*args, **kwargs)
+        return hook(functools.partial(call, *args, **kwargs))
 
     mirror = copy.copy(dependant)
     mirror.call = endpoint
@@ -795,7 +803,7 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
                 dependant = _timed_endpoint(dependant)
                 box = []
                 # Read by _timed_endpoint in the worker thread (and by nothing else).
-                box_token = _started_ns.set(box)
+                box_token = _worker_run.set((box, tracker.state.worker_hook))
         except Exception as exc:
             _internal_errors.report("dependencies.endpoint_start", exc)
         error: BaseException | None = None
@@ -807,7 +815,7 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             try:
                 if box_token is not None:
-                    _started_ns.reset(box_token)
+                    _worker_run.reset(box_token)
                 if token is not None:
                     detach_context(token)
                 end = time.perf_counter_ns()
@@ -1136,6 +1144,12 @@ class DependencySpans(RequestHooks):
         timings_when_unsampled: Also record ``RequestState.timings`` (no spans) for
             requests whose span is not sampled, so a slow-request log can explain
             them. Off by default: unsampled requests then cost nothing here.
+        profiled_requests: Also follow requests whose span is not sampled while
+            they are being profiled (timings only, no spans), so their sync
+            dependencies and endpoints run through the profile's worker hook and
+            appear in the profile. Needs the profiling hook to come first in
+            ``hooks`` (``instrument()`` orders them so and sets this when
+            ``profiling=`` is given).
     """
 
     def __init__(
@@ -1145,6 +1159,7 @@ class DependencySpans(RequestHooks):
         max_spans: int = DEFAULT_MAX_SPANS,
         mode: str = "all",
         timings_when_unsampled: bool = False,
+        profiled_requests: bool = False,
     ) -> None:
         self._tracer = fastprof_tracer(tracer_provider)
         check_int("max_spans", max_spans, 0, 10_000)
@@ -1153,16 +1168,19 @@ class DependencySpans(RequestHooks):
         self._max_spans = max_spans
         self._marked_only = mode == "marked"
         self.enabled = _install()
-        # Unsampled requests skip this hook entirely unless timings are wanted
-        # (and can be recorded: FastAPI is there and supported).
-        self.unsampled_requests = bool(timings_when_unsampled) and self.enabled
+        self._timings_when_unsampled = bool(timings_when_unsampled)
+        # Unsampled requests skip this hook entirely unless timings are wanted or
+        # they may be profiled (and FastAPI is there and supported).
+        self.unsampled_requests = (
+            self._timings_when_unsampled or bool(profiled_requests)
+        ) and self.enabled
 
     def on_request_start(self, state: RequestState, scope: Scope) -> None:
         if not self.enabled:
             return
         if state.span.is_recording():
             max_spans = self._max_spans
-        elif self.unsampled_requests:
+        elif self._timings_when_unsampled or state.worker_hook is not None:
             max_spans = 0  # timings only: no span for an unsampled request
         else:
             return  # unsampled: FastAPI runs exactly as without fastprof

@@ -114,11 +114,14 @@ def instrument(
             mode=dependencies,
             # The slow-request log explains unsampled requests too.
             timings_when_unsampled=slow_requests is not None,
+            profiled_requests=profiling is not None and profiling.enabled,
         )
-    # Order matters at request end: dependency timings, the profile id and the
-    # loop-blocked time are all set before the slow-request log reads them.
+    # Order matters. At request start, profiling decides first, so dependency spans
+    # know whether an unsampled request is profiled. At request end, dependency
+    # timings, the profile id and the loop-blocked time are all set before the
+    # slow-request log reads them.
     extra_hooks = tuple(
-        h for h in (dependency_spans, profiling, loop_monitor, slow_requests) if h is not None
+        h for h in (profiling, dependency_spans, loop_monitor, slow_requests) if h is not None
     )
     options = {
         "tracer_provider": tracer_provider,

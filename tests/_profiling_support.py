@@ -33,6 +33,11 @@ def sync_hot_gamma(seconds: float = 0.1) -> int:
     return 2
 
 
+def sync_hot_delta(seconds: float = 0.1) -> int:
+    spin(seconds)
+    return 4
+
+
 async def async_hot_alpha(seconds: float = 0.15) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -46,7 +51,9 @@ def gamma_dependency() -> int:
     return sync_hot_gamma()
 
 
-def make_app(profiling: fastprof.Profiling, spans: Any) -> FastAPI:
+def make_app(
+    profiling: fastprof.Profiling, spans: Any, hooks: tuple[fastprof.RequestHooks, ...] = ()
+) -> FastAPI:
     app = FastAPI()
 
     @app.get("/alpha")
@@ -70,6 +77,10 @@ def make_app(profiling: fastprof.Profiling, spans: Any) -> FastAPI:
     def gamma(value: int = Depends(gamma_dependency)) -> dict[str, int]:
         return {"value": value}
 
+    @app.get("/delta")
+    def delta() -> dict[str, int]:
+        return {"value": sync_hot_delta()}
+
     @app.get("/items/{item_id}")
     async def item(item_id: int) -> PlainTextResponse:
         return PlainTextResponse(f"item {item_id}")
@@ -92,7 +103,7 @@ def make_app(profiling: fastprof.Profiling, spans: Any) -> FastAPI:
         await async_hot_alpha(0.3)
         return {"ok": True}
 
-    fastprof.instrument(app, tracer_provider=spans.provider, profiling=profiling)
+    fastprof.instrument(app, tracer_provider=spans.provider, profiling=profiling, hooks=hooks)
     return app
 
 

@@ -13,6 +13,8 @@ import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 import fastprof
 from fastprof import _internal_errors
@@ -353,6 +355,52 @@ async def test_sync_dependency_frames_appear_via_worker_hook(spans) -> None:
         at = names.index("gamma_dependency [worker thread]")
         assert names[:at] == [f.split("\x00", 1)[0] for f in session.start_call_stack]
         assert not {"_bootstrap", "_bootstrap_inner", "worker_hook"} & set(names[at + 1 :]), names
+
+
+@pytest.mark.anyio
+async def test_sync_endpoint_hot_function_appears_in_its_profile(spans) -> None:
+    """A sync endpoint runs in the thread pool; its own hot function is in the profile."""
+    profiling = fastprof.Profiling(secret=SECRET)
+    app = make_app(profiling, spans)
+    async with client_for(app) as client:
+        response = await client.get("/delta", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+    assert response.json() == {"value": 4}
+    frames = frames_of(profiling, response.headers["x-fastprof-profile-id"])
+    assert "sync_hot_delta" in frames
+    assert "make_app.<locals>.delta [worker thread]" in frames
+
+
+class _TrackerProbe(fastprof.RequestHooks):
+    """Records whether dependency instrumentation followed each request."""
+
+    def __init__(self) -> None:
+        self.tracked: list[bool] = []
+
+    def on_request_end(self, state: fastprof.RequestState) -> None:
+        from fastprof import _dependencies
+
+        self.tracked.append(bool(state.extra) and _dependencies._EXTRA_KEY in state.extra)
+
+
+@pytest.mark.anyio
+async def test_unsampled_profiled_request_still_profiles_its_worker_threads() -> None:
+    """Trace sampling off: a token still profiles sync dependencies and endpoints in the
+    thread pool; unprofiled unsampled requests get no dependency work."""
+
+    class Unsampled:
+        provider = TracerProvider(sampler=ALWAYS_OFF)
+
+    probe = _TrackerProbe()
+    profiling = fastprof.Profiling(secret=SECRET)
+    app = make_app(profiling, Unsampled, hooks=(probe,))
+    async with client_for(app) as client:
+        gamma = await client.get("/gamma", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+        delta = await client.get("/delta", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+        plain = await client.get("/gamma")
+    assert gamma.json() == plain.json() == {"value": 2} and delta.json() == {"value": 4}
+    assert "sync_hot_gamma" in frames_of(profiling, gamma.headers["x-fastprof-profile-id"])
+    assert "sync_hot_delta" in frames_of(profiling, delta.headers["x-fastprof-profile-id"])
+    assert probe.tracked == [True, True, False]
 
 
 @pytest.mark.anyio
