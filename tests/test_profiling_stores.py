@@ -95,6 +95,47 @@ def test_file_store_roundtrip_permissions_and_names(tmp_path) -> None:
     assert listed.profile_id == pid(1) and listed.route == "/r"
 
 
+def test_file_store_list_reads_headers_not_documents(tmp_path, monkeypatch) -> None:
+    """Listing large profiles reads each file's small header, not its document."""
+    from fastprof.profiling import stores
+
+    store = FileStore(tmp_path)
+    document = os.urandom(256 * 1024)
+    for i in range(5):
+        store.put(meta(i), document)
+    read_bytes = [0]
+    real_open = open
+
+    class CountingFile:
+        def __init__(self, f) -> None:  # type: ignore[no-untyped-def]
+            self._f = f
+
+        def read(self, n: int = -1) -> bytes:
+            data = self._f.read(n)
+            read_bytes[0] += len(data)
+            return data
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._f.close()
+
+    monkeypatch.setattr(stores, "open", lambda *a: CountingFile(real_open(*a)), raising=False)
+    listed = store.list()
+    assert sorted(m.profile_id for m in listed) == sorted(pid(i) for i in range(5))
+    assert all(m.size == os.path.getsize(tmp_path / f"{m.profile_id}.profile") for m in listed)
+    assert 0 < read_bytes[0] < 5 * 1024  # headers only
+    assert store.get(pid(3)) == document  # a fetch still reads the whole document
+    assert read_bytes[0] > 256 * 1024
+
+
+def test_file_store_ignores_oversized_headers(tmp_path) -> None:
+    store = FileStore(tmp_path)
+    (tmp_path / f"{pid(7)}.profile").write_bytes((10**6).to_bytes(4, "big") + b"{" * 100)
+    assert store.get(pid(7)) is None and store.list() == []
+
+
 def test_file_store_count_and_size_caps(tmp_path) -> None:
     store = FileStore(tmp_path, max_count=3, max_bytes=100 * 1024)
     base = os.stat(tmp_path).st_mtime - 100

@@ -30,6 +30,8 @@ __all__ = ["FileStore", "MemoryStore", "ProfileMeta", "ProfileStore", "valid_pro
 
 _ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 _SUFFIX: Final = ".profile"
+#: A profile file's metadata header is at most this long (it is a few hundred bytes).
+_MAX_HEADER: Final = 64 * 1024
 
 
 def valid_profile_id(profile_id: object) -> bool:
@@ -317,29 +319,36 @@ class FileStore:
                 count -= 1
                 total -= size
 
-    def _read(self, profile_id: str) -> tuple[ProfileMeta, bytes] | None:
+    def _read(self, profile_id: str, *, document: bool = True) -> tuple[ProfileMeta, bytes] | None:
+        """The profile's metadata and, if ``document``, its document (else ``b""``).
+
+        Without the document only the file's header is read: listing a directory
+        of large profiles reads a few hundred bytes per profile.
+        """
         path = self._path(profile_id)
         try:
             st = os.stat(path)
             if st.st_mtime < self._clock() - self.ttl_s or st.st_size > self.max_bytes:
                 return None
             with open(path, "rb") as f:
-                payload = f.read(self.max_bytes + 1)
+                head = f.read(4)
+                header_len = int.from_bytes(head, "big")
+                if len(head) < 4 or header_len > _MAX_HEADER:
+                    return None
+                header = f.read(header_len)
+                body = f.read(self.max_bytes + 1) if document else b""
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
                 return None
             raise
-        if len(payload) < 4:
-            return None
-        header_len = int.from_bytes(payload[:4], "big")
         try:
-            meta = ProfileMeta.from_dict(json.loads(payload[4 : 4 + header_len]))
+            meta = ProfileMeta.from_dict(json.loads(header))
         except (ValueError, KeyError, TypeError):
             return None
         if meta.profile_id != profile_id:
             return None
-        meta.size = len(payload)
-        return meta, payload[4 + header_len :]
+        meta.size = 4 + len(header) + len(body) if document else st.st_size
+        return meta, body
 
     def get(self, profile_id: str) -> bytes | None:
         if not valid_profile_id(profile_id):
@@ -355,7 +364,7 @@ class FileStore:
                 break
             if mtime < deadline:
                 continue
-            item = self._read(profile_id)
+            item = self._read(profile_id, document=False)
             if item is not None:
                 out.append(item[0])
         return out
