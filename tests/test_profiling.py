@@ -329,17 +329,28 @@ async def test_concurrent_profiles_do_not_mix(spans) -> None:
     assert beta_span.attributes["fastprof.profile.worker_calls"] == 1  # type: ignore[index]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "hot", "worker_frame"),
+    [
+        ("/gamma", {"value": 2}, "sync_hot_gamma", "gamma_dependency [worker thread]"),
+        ("/delta", {"value": 4}, "sync_hot_delta", "make_app.<locals>.delta [worker thread]"),
+    ],
+    ids=["sync_dependency", "sync_endpoint"],
+)
 @pytest.mark.anyio
-async def test_sync_dependency_frames_appear_via_worker_hook(spans) -> None:
-    """A sync dependency run in the thread pool shows up, under a worker-thread frame."""
+async def test_sync_work_in_the_thread_pool_appears_under_a_worker_frame(
+    spans, path: str, body: dict[str, int], hot: str, worker_frame: str
+) -> None:
+    """A sync dependency or a sync endpoint runs in the thread pool; its hot function is
+    in the profile, under a worker-thread frame grafted below the request's start frame."""
     profiling = fastprof.Profiling(secret=SECRET)
     app = make_app(profiling, spans)
     async with client_for(app) as client:
-        response = await client.get("/gamma", headers={"X-Fastprof-Profile": mint_token(SECRET)})
-    assert response.json() == {"value": 2}
+        response = await client.get(path, headers={"X-Fastprof-Profile": mint_token(SECRET)})
+    assert response.json() == body
     frames = frames_of(profiling, response.headers["x-fastprof-profile-id"])
-    assert "sync_hot_gamma" in frames
-    assert "gamma_dependency [worker thread]" in frames
+    assert hot in frames
+    assert worker_frame in frames
     # Grafted under the request's start frame, without the worker thread's own
     # stack down to the hook (thread bootstrap, executor loop, the hook itself).
     document = profiling.store.get(response.headers["x-fastprof-profile-id"])
@@ -352,22 +363,9 @@ async def test_sync_dependency_frames_appear_via_worker_hook(spans) -> None:
     ]
     assert grafted
     for names in grafted:
-        at = names.index("gamma_dependency [worker thread]")
+        at = names.index(worker_frame)
         assert names[:at] == [f.split("\x00", 1)[0] for f in session.start_call_stack]
         assert not {"_bootstrap", "_bootstrap_inner", "worker_hook"} & set(names[at + 1 :]), names
-
-
-@pytest.mark.anyio
-async def test_sync_endpoint_hot_function_appears_in_its_profile(spans) -> None:
-    """A sync endpoint runs in the thread pool; its own hot function is in the profile."""
-    profiling = fastprof.Profiling(secret=SECRET)
-    app = make_app(profiling, spans)
-    async with client_for(app) as client:
-        response = await client.get("/delta", headers={"X-Fastprof-Profile": mint_token(SECRET)})
-    assert response.json() == {"value": 4}
-    frames = frames_of(profiling, response.headers["x-fastprof-profile-id"])
-    assert "sync_hot_delta" in frames
-    assert "make_app.<locals>.delta [worker thread]" in frames
 
 
 class _TrackerProbe(fastprof.RequestHooks):
