@@ -367,3 +367,24 @@ async def test_unknown_pyinstrument_internals_use_the_public_unsubscribe(monkeyp
 def test_unsubscribing_a_stranger_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="not subscribed"):
         _capture._unsubscribe(print)
+
+
+@pytest.mark.anyio
+async def test_a_failed_stop_leaves_the_context_free_for_the_next_profile(monkeypatch) -> None:
+    update = stack_sampler.StackSampler._update
+
+    def failing(self):  # type: ignore[no-untyped-def]
+        update(self)
+        raise ValueError("pyinstrument refused")
+
+    capture = _capture.ProfileCapture("d" * 32, trigger="header", interval_s=0.001, on_done=id)
+    capture.start(sys._getframe(), max_duration_s=60)
+    monkeypatch.setattr(stack_sampler.StackSampler, "_update", failing)
+    with pytest.raises(ValueError, match="refused"):
+        capture.stop()
+    monkeypatch.undo()
+    assert _sampling_stopped()
+    again = _capture.ProfileCapture("e" * 32, trigger="header", interval_s=0.001, on_done=id)
+    again.start(sys._getframe(), max_duration_s=60)
+    assert again.stop() is not None
+    assert _sampling_stopped()

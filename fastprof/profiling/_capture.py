@@ -136,8 +136,8 @@ class _Sampler:
         self.frame_records.append((stack, time_since_last_sample))
 
     def stop(self) -> None:
+        self.running = False  # even if unsubscribing fails: the marker is then stale
         _unsubscribe(self._saw_call_stack)
-        self.running = False
         self.cpu_time = process_time() - self.cpu_time
         self.duration = time.time() - self.start_time
 
@@ -217,9 +217,11 @@ def _unsubscribe(target: Callable[..., None]) -> None:
     for index, subscriber in enumerate(subscribers):
         if getattr(subscriber, "target", None) == target:
             del subscribers[index]
-            update()  # no subscriber left: sampling stops before the marker changes
-            if getattr(subscriber, "bound_to_async_context", True):
-                _active_profiler.set(None)
+            try:
+                update()  # no subscriber left: sampling stops before the marker changes
+            finally:
+                if getattr(subscriber, "bound_to_async_context", True):
+                    _active_profiler.set(None)
             return
     raise RuntimeError("fastprof: the profile's sampler was not subscribed on this thread")
 
