@@ -1147,9 +1147,10 @@ class DependencySpans(RequestHooks):
         profiled_requests: Also follow requests whose span is not sampled while
             they are being profiled (timings only, no spans), so their sync
             dependencies and endpoints run through the profile's worker hook and
-            appear in the profile. Needs the profiling hook to come first in
-            ``hooks`` (``instrument()`` orders them so and sets this when
-            ``profiling=`` is given).
+            appear in the profile. Needs the profiling hook to come before this
+            one (``instrument(profiling=...)`` puts it first; it sets this option
+            on the instance it creates, set it yourself on one you pass in
+            ``hooks``).
     """
 
     def __init__(

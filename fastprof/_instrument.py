@@ -116,13 +116,12 @@ def instrument(
             timings_when_unsampled=slow_requests is not None,
             profiled_requests=profiling is not None and profiling.enabled,
         )
-    # Order matters. At request start, profiling decides first, so dependency spans
-    # know whether an unsampled request is profiled. At request end, dependency
-    # timings, the profile id and the loop-blocked time are all set before the
-    # slow-request log reads them.
-    extra_hooks = tuple(
-        h for h in (profiling, dependency_spans, loop_monitor, slow_requests) if h is not None
-    )
+    # Order matters. At request start, profiling decides first (before your hooks
+    # too), so dependency spans, yours included, know whether an unsampled request
+    # is profiled. At request end, dependency timings, the profile id and the
+    # loop-blocked time are all set before the slow-request log reads them.
+    first_hooks = (profiling,) if profiling is not None else ()
+    extra_hooks = tuple(h for h in (dependency_spans, loop_monitor, slow_requests) if h is not None)
     options = {
         "tracer_provider": tracer_provider,
         "exclude": exclude,
@@ -132,7 +131,7 @@ def instrument(
         # A profiling token in the query string is a credential.
         "redact_query_keys": (profiling.query_param,) if profiling is not None else (),
         "max_attribute_length": max_attribute_length,
-        "hooks": user_hooks + extra_hooks,
+        "hooks": first_hooks + user_hooks + extra_hooks,
     }
     # Validate now, at start-up, rather than when Starlette builds the stack.
     FastprofMiddleware(app, **options)  # type: ignore[arg-type]

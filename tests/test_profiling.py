@@ -402,6 +402,24 @@ async def test_unsampled_profiled_request_still_profiles_its_worker_threads() ->
 
 
 @pytest.mark.anyio
+async def test_user_supplied_dependency_spans_follow_profiled_unsampled_requests() -> None:
+    """``instrument()`` runs profiling before the user's hooks, so a DependencySpans passed
+    in ``hooks=`` with ``profiled_requests=True`` sees the profile."""
+
+    class Unsampled:
+        provider = TracerProvider(sampler=ALWAYS_OFF)
+
+    profiling = fastprof.Profiling(secret=SECRET)
+    dependency_spans = fastprof.DependencySpans(
+        tracer_provider=Unsampled.provider, profiled_requests=True
+    )
+    app = make_app(profiling, Unsampled, hooks=(dependency_spans,))
+    async with client_for(app) as client:
+        response = await client.get("/gamma", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+    assert "sync_hot_gamma" in frames_of(profiling, response.headers["x-fastprof-profile-id"])
+
+
+@pytest.mark.anyio
 async def test_worker_hook_is_transparent_for_results_and_errors(spans) -> None:
     """The hook returns what fn returns and raises what fn raises."""
     profiling = fastprof.Profiling(secret=SECRET)

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import threading
+import time
 
 import pytest
 from pyinstrument import Profiler, stack_sampler
@@ -20,6 +21,7 @@ from pyinstrument.profiler import ActiveProfilerSession
 from pyinstrument.session import Session
 from pyinstrument.stack_sampler import AsyncState, build_call_stack
 
+from fastprof import _internal_errors
 from fastprof.profiling import _capture, _documents
 from fastprof.profiling._tokens import _Signer
 
@@ -240,6 +242,7 @@ def test_start_stack_has_pyinstruments_identifiers_and_lines() -> None:
 def test_start_stack_cache_is_bounded_and_checks_code_identity(monkeypatch) -> None:
     monkeypatch.setattr(_capture, "_FRAME_STRINGS", {})
     monkeypatch.setattr(_capture, "_FRAME_STRINGS_MAX", 2)
+    monkeypatch.setattr(_capture, "_frame_strings_count", 0)
     frame = sys._getframe()
     # An entry for another code object under this code's id (ids are reused
     # after a code object is freed) is not used.
@@ -247,7 +250,10 @@ def test_start_stack_cache_is_bounded_and_checks_code_identity(monkeypatch) -> N
     stack = _capture._start_call_stack(frame)
     assert not any(f.startswith("bogus") for f in stack)
     assert stack[-1].startswith(f"{frame.f_code.co_name}\x00{__file__}\x00")
-    assert len(_capture._FRAME_STRINGS) <= 2
+    assert sum(len(lines) for _, _, lines in _capture._FRAME_STRINGS.values()) <= 2
+    assert _capture._frame_strings_count <= 2
+    again = _capture._start_call_stack(frame)  # rebuilt after clearing: the same callers
+    assert again[:-1] == stack[:-1]
 
 
 def _strict_profiler_records(calls: list[tuple[list[str], float, AsyncState | None]]) -> list:
@@ -273,7 +279,7 @@ def test_task_sampler_records_what_a_strict_profiler_records() -> None:
         (stack, 0.003, AsyncState("out_of_context_unknown", info=waiting)),
         (stack, 0.004, None),
     ]
-    sampler = _capture._Sampler(0.001, in_task=True)
+    sampler = _capture._Sampler(0.001, in_task=True, max_samples=100)
     for call in calls:
         sampler._saw_call_stack(*call)
     assert sampler.frame_records == _strict_profiler_records(calls)
@@ -388,3 +394,74 @@ async def test_a_failed_stop_leaves_the_context_free_for_the_next_profile(monkey
     again.start(sys._getframe(), max_duration_s=60)
     assert again.stop() is not None
     assert _sampling_stopped()
+
+
+@pytest.mark.anyio
+async def test_a_failed_start_leaves_no_sampler_behind(monkeypatch) -> None:
+    """pyinstrument failing inside subscribe() (after registering the subscriber)."""
+    update = stack_sampler.StackSampler._update
+
+    def failing(self):  # type: ignore[no-untyped-def]
+        update(self)
+        raise ValueError("timing thread preference clash")
+
+    monkeypatch.setattr(stack_sampler.StackSampler, "_update", failing)
+    capture = _capture.ProfileCapture("f" * 32, trigger="header", interval_s=0.001, on_done=id)
+    with pytest.raises(ValueError, match="clash"):
+        capture.start(sys._getframe(), max_duration_s=60)
+    monkeypatch.undo()
+    assert _sampling_stopped()
+    assert capture._sampler.frame_records == [] and not capture._sampler.running
+
+
+def test_sample_callback_never_raises_into_the_app(monkeypatch) -> None:
+    sampler = _capture._Sampler(0.001, in_task=True, max_samples=2)
+    stack = [_frame("handler", APP, 20)]
+    sampler._saw_call_stack(stack, 0.001, object())  # an async state it does not know
+    assert _internal_errors.counts()["profile.sample"] == 1
+    sampler._saw_call_stack(stack, 0.001, None, "an argument a later pyinstrument might add")
+    sampler._saw_call_stack(stack, 0.001)
+    sampler._saw_call_stack(stack, 0.001, None)  # over max_samples: counted, not kept
+    assert len(sampler.frame_records) == 2 and sampler.dropped == 1
+
+
+@pytest.mark.anyio
+async def test_a_long_worker_call_stops_keeping_samples_at_the_duration_cap() -> None:
+    """A sync call still running in the thread pool when the profile's cap fires."""
+    capture = _capture.ProfileCapture("a" * 32, trigger="header", interval_s=0.001, on_done=id)
+    capture.start(sys._getframe(), max_duration_s=0.05)
+    workers: list[_capture._Sampler] = []
+    original = _capture.ProfileCapture._merge_worker
+
+    def spin_in_worker() -> None:
+        end = time.perf_counter() + 0.6
+        while time.perf_counter() < end:
+            sum(range(200))
+
+    def merge(self, worker, name):  # type: ignore[no-untyped-def]
+        workers.append(worker)
+        return original(self, worker, name)
+
+    _capture.ProfileCapture._merge_worker = merge  # type: ignore[method-assign]
+    try:
+        await asyncio.to_thread(capture.worker_hook, spin_in_worker)
+    finally:
+        _capture.ProfileCapture._merge_worker = original  # type: ignore[method-assign]
+    assert capture.truncated and capture.stop() is not None
+    (worker,) = workers
+    assert worker.dropped > len(worker.frame_records) > 0  # most of the 0.6 s was not kept
+    assert capture.worker_dropped == 0  # nothing merged after the stop, nothing counted twice
+
+
+def test_installed_pyinstrument_has_the_sampler_internals_fastprof_uses() -> None:
+    """What ``_capture`` relies on beyond pyinstrument's public API (pinned to < 6)."""
+    import inspect
+
+    sampler = stack_sampler.StackSampler()
+    assert isinstance(sampler.subscribers, list) and callable(sampler._update)
+    assert {"target", "desired_interval", "use_async_context"} <= set(
+        inspect.signature(sampler.subscribe).parameters
+    )
+    assert _capture._active_profiler is stack_sampler.active_profiler_context_var
+    target = inspect.signature(Profiler._sampler_saw_call_stack).parameters
+    assert list(target) == ["self", "call_stack", "time_since_last_sample", "async_state"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import stat
@@ -130,9 +131,15 @@ def test_file_store_list_reads_headers_not_documents(tmp_path, monkeypatch) -> N
     assert read_bytes[0] > 256 * 1024
 
 
-def test_file_store_ignores_oversized_headers(tmp_path) -> None:
+def test_file_store_refuses_oversized_headers(tmp_path) -> None:
+    """Metadata over 64 KiB is neither written nor read (a file could claim any length)."""
     store = FileStore(tmp_path)
-    (tmp_path / f"{pid(7)}.profile").write_bytes((10**6).to_bytes(4, "big") + b"{" * 100)
+    big = ProfileMeta(pid(7), created=1_000_000.0, route="/" + "r" * 70_000)
+    with pytest.raises(ValueError, match="metadata"):
+        store.put(big, b"document")
+    assert os.listdir(tmp_path) == []
+    header = json.dumps(big.to_dict()).encode()
+    (tmp_path / f"{pid(7)}.profile").write_bytes(len(header).to_bytes(4, "big") + header + b"doc")
     assert store.get(pid(7)) is None and store.list() == []
 
 

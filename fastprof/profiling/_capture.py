@@ -22,6 +22,7 @@ twice: as an ``[await]`` in the caller and in detail under the worker frame.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import sys
 import threading
@@ -39,8 +40,12 @@ from pyinstrument.stack_sampler import get_stack_sampler
 from fastprof import _internal_errors
 from fastprof._frames import is_library
 
-__all__ = ["MAX_WORKER_CALLS", "MAX_WORKER_SAMPLES", "ProfileCapture", "hot_frames"]
+__all__ = ["MAX_SAMPLES", "MAX_WORKER_CALLS", "MAX_WORKER_SAMPLES", "ProfileCapture", "hot_frames"]
 
+#: At most this many samples of the request's own task are kept (then the
+#: profile is marked truncated): the duration cap's timer cannot fire while the
+#: request blocks the event loop.
+MAX_SAMPLES = 200_000
 #: At most this many worker-thread calls are merged into one profile.
 MAX_WORKER_CALLS = 256
 #: At most this many worker-thread samples in total are merged into one profile.
@@ -96,44 +101,70 @@ class _Sampler:
 
     __slots__ = (
         "cpu_time",
+        "dropped",
         "duration",
         "frame_records",
         "in_task",
         "interval",
+        "max_samples",
+        "recording",
         "running",
         "start_call_stack",
         "start_time",
     )
 
-    def __init__(self, interval: float, *, in_task: bool) -> None:
+    def __init__(self, interval: float, *, in_task: bool, max_samples: int) -> None:
         self.interval = interval
         self.in_task = in_task
+        self.max_samples = max_samples
         self.frame_records: list[tuple[list[str], float]] = []
         self.start_call_stack: list[str] = []
         self.start_time = 0.0
         self.duration = 0.0
         self.cpu_time = 0.0
+        #: Subscribed to this thread's stack sampler.
         self.running = False
+        #: Keeping samples (cleared to stop keeping them from another thread).
+        self.recording = True
+        #: Samples not kept: over ``max_samples``, or after ``recording`` was cleared.
+        self.dropped = 0
 
     def start(self, caller_frame: Any) -> None:
         self.start_time = time.time()
         self.cpu_time = process_time()
         self.start_call_stack = _start_call_stack(caller_frame)
-        get_stack_sampler().subscribe(
-            self._saw_call_stack, desired_interval=self.interval, use_async_context=self.in_task
-        )
+        target = self._saw_call_stack
+        try:
+            get_stack_sampler().subscribe(
+                target, desired_interval=self.interval, use_async_context=self.in_task
+            )
+        except BaseException:
+            # subscribe() may fail after registering us (and marking the context):
+            # leave nothing behind that would keep sampling.
+            with contextlib.suppress(Exception):
+                _unsubscribe(target)
+            raise
         self.running = True
 
     def _saw_call_stack(
-        self, call_stack: list[str], time_since_last_sample: float, async_state: Any
+        self, call_stack: list[str], time_since_last_sample: float, async_state: Any = None, *_: Any
     ) -> None:
-        if async_state is not None and async_state.state == "out_of_context_awaited":
-            stack = [*async_state.info, AWAIT_FRAME_IDENTIFIER]
-        elif async_state is not None and async_state.state == "out_of_context_unknown":
-            stack = [*async_state.info, OUT_OF_CONTEXT_FRAME_IDENTIFIER]
-        else:
-            stack = call_stack
-        self.frame_records.append((stack, time_since_last_sample))
+        # Runs inside pyinstrument's profile function, in whatever code is running:
+        # an exception here would surface in the application.
+        try:
+            records = self.frame_records
+            if not self.recording or len(records) >= self.max_samples:
+                self.dropped += 1
+                return
+            if async_state is not None and async_state.state == "out_of_context_awaited":
+                stack = [*async_state.info, AWAIT_FRAME_IDENTIFIER]
+            elif async_state is not None and async_state.state == "out_of_context_unknown":
+                stack = [*async_state.info, OUT_OF_CONTEXT_FRAME_IDENTIFIER]
+            else:
+                stack = call_stack
+            records.append((stack, time_since_last_sample))
+        except Exception as exc:
+            _internal_errors.report("profile.sample", exc)
 
     def stop(self) -> None:
         self.running = False  # even if unsubscribing fails: the marker is then stale
@@ -173,14 +204,13 @@ def _start_call_stack(frame: Any) -> list[str]:
     once per process (a code object's own hash is computed from its contents at
     every lookup: the cache is keyed by its id and checks identity).
     """
+    global _frame_strings_count
     stack: list[str] = []
     cache = _FRAME_STRINGS
     while frame is not None:
         code = frame.f_code
         entry = cache.get(id(code))
         if entry is None or entry[0] is not code:
-            if len(cache) >= _FRAME_STRINGS_MAX:
-                cache.clear()
             entry = cache[id(code)] = (
                 code,
                 f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}\x01l",
@@ -189,9 +219,13 @@ def _start_call_stack(frame: Any) -> list[str]:
         lines = entry[2]
         text = lines.get(frame.f_lasti)
         if text is None:
-            if len(lines) >= _FRAME_STRINGS_MAX:
+            if _frame_strings_count >= _FRAME_STRINGS_MAX:
+                cache.clear()  # and this entry's lines go with it
+                cache[id(code)] = entry
                 lines.clear()
+                _frame_strings_count = 0
             text = lines[frame.f_lasti] = f"{entry[1]}{frame.f_lineno}"
+            _frame_strings_count += 1
         stack.append(text)
         frame = frame.f_back
     thread = threading.current_thread()
@@ -201,9 +235,10 @@ def _start_call_stack(frame: Any) -> list[str]:
 
 
 #: id(code) -> (code, the start of its frame strings, {instruction offset: frame string}).
-#: Bounded: cleared when full.
+#: Bounded: at most ``_FRAME_STRINGS_MAX`` frame strings in all (then cleared).
 _FRAME_STRINGS: dict[int, tuple[Any, str, dict[int, str]]] = {}
-_FRAME_STRINGS_MAX = 4096
+_FRAME_STRINGS_MAX = 8192
+_frame_strings_count = 0
 
 
 def _unsubscribe(target: Callable[..., None]) -> None:
@@ -250,10 +285,13 @@ class ProfileCapture:
         self.truncated = False
         self.started_at = time.time()
         self._on_done = on_done
-        self._sampler = _Sampler(interval_s, in_task=True)
+        self._sampler = _Sampler(interval_s, in_task=True, max_samples=MAX_SAMPLES)
         # Worker-thread samples: (worker frame, stack below the hook, duration).
         # Grafted under the request's start stack when the profile stops.
         self._worker_records: list[tuple[str, list[str], float]] = []
+        # Samplers of worker calls still running: told to stop keeping samples
+        # when the profile stops (only their own thread can unsubscribe them).
+        self._live_workers: set[_Sampler] = set()
         self._worker_calls = 0
         self._worker_dropped = 0
         self._lock = threading.Lock()
@@ -293,9 +331,13 @@ class ProfileCapture:
             if self._stopped:
                 return self.session
             self._stopped = True
+            for worker in self._live_workers:
+                worker.recording = False
         try:
             sampler = self._sampler
             sampler.stop()
+            if sampler.dropped:
+                self.truncated = True
             with self._lock:
                 worker_records = self._worker_records
                 self._worker_records = []
@@ -307,6 +349,9 @@ class ProfileCapture:
                     ([*root, frame, *stack], duration) for frame, stack, duration in worker_records
                 )
             session = sampler.session("fastprof request")
+            # The session owns the samples now. A context that still holds the
+            # sampler (a stale async marker, see above) does not keep them alive.
+            sampler.frame_records = []
             self.session = session
             return session
         finally:
@@ -334,14 +379,20 @@ class ProfileCapture:
         if self._stopped or getattr(_tls, "active", False):
             return fn()
         with self._lock:
-            if self._worker_calls >= MAX_WORKER_CALLS:
+            room = MAX_WORKER_SAMPLES - len(self._worker_records)
+            if self._worker_calls >= MAX_WORKER_CALLS or room <= 0:
                 self._worker_dropped += 1
                 return fn()
             self._worker_calls += 1
-        sampler = _Sampler(self.interval_s, in_task=False)
+            # Bounded while it runs, too: the profile's duration cap and sample
+            # budget apply to a long sync call still in the thread pool.
+            sampler = _Sampler(self.interval_s, in_task=False, max_samples=room)
+            self._live_workers.add(sampler)
         try:
             sampler.start(inspect.currentframe())
         except Exception as exc:
+            with self._lock:
+                self._live_workers.discard(sampler)
             _internal_errors.report("profile.worker_start", exc)
             return fn()
         _tls.active = True
@@ -350,6 +401,8 @@ class ProfileCapture:
         finally:
             _tls.active = False
             try:
+                with self._lock:
+                    self._live_workers.discard(sampler)
                 sampler.stop()
                 self._merge_worker(sampler, _callable_name(fn))
             except Exception as exc:
@@ -368,7 +421,7 @@ class ProfileCapture:
             if self._stopped:
                 return
             room = MAX_WORKER_SAMPLES - len(self._worker_records)
-            if room < len(records):
+            if room < len(records) or worker.dropped:
                 self._worker_dropped += 1
                 records = records[: max(room, 0)]
             self._worker_records.extend(records)

@@ -266,6 +266,8 @@ class FileStore:
         if not valid_profile_id(meta.profile_id):
             return
         header = json.dumps(meta.to_dict(), separators=(",", ":")).encode("utf-8")
+        if len(header) > _MAX_HEADER:
+            raise ValueError(f"profile metadata of {len(header)} bytes (at most {_MAX_HEADER})")
         payload = len(header).to_bytes(4, "big") + header + document
         if len(payload) > self.max_bytes:
             return
