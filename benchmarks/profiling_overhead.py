@@ -7,20 +7,27 @@ Variants, each driving the same FastAPI app in-process through raw ASGI calls:
 * ``configured``          Profiling(secret=..., sample_rate=0) configured, no token sent
 * ``triggered``           every request carries a valid token (profile + store)
 * ``pyinstrument``        fastprof + a bare pyinstrument Profiler(interval=0.001,
-                          async_mode="enabled") around the app (pyinstrument's own
-                          capture, no rendering)
-* ``pyinstrument_html``   the same + ``output_html()`` per request (pyinstrument's FastAPI recipe)
+                          async_mode="enabled") around the app, stopped when the
+                          app returns (pyinstrument's own capture, no rendering)
+* ``pyinstrument_at_send`` the same, stopped when the app hands over its last
+                          response message (where fastprof's profile stops)
+* ``pyinstrument_html``   ``pyinstrument`` + ``output_html()`` per request
+                          (pyinstrument's FastAPI recipe)
 
 Every variant has fastprof's SERVER span (route name and attributes); the
 profiled variants sample at the same 1 ms interval.
 
-Two choices keep ``triggered`` vs ``pyinstrument`` like for like:
+What keeps ``triggered`` vs the bare captures like for like:
 
 * The bare capture is an app middleware *inside* fastprof's middleware (where
   pyinstrument's FastAPI recipe, an ``@app.middleware("http")``, sits too), so
-  it samples the same part of the request as fastprof's profile does (the app
-  call, not fastprof's own span bookkeeping around it). Wrapping fastprof from
-  outside made pyinstrument sample more code than fastprof does.
+  it samples the app call, not fastprof's span bookkeeping around it. Wrapping
+  fastprof from outside made pyinstrument sample more code than fastprof does.
+* The app's messages pass through fastprof's middleware *inside* the app call,
+  and fastprof's end-of-request work runs as the last one goes by. fastprof's
+  profile stops before that work; ``pyinstrument`` stops after it (as a pure
+  ASGI middleware must, unless it watches the messages), ``pyinstrument_at_send``
+  before it. The triggered profile is compared with both.
 * ``triggered``'s timed section ends when the writer thread has stored every
   profile of the batch (``flush``): encoding and storing are part of a profile's
   cost even though they run off the event loop, and the writer competes with
@@ -29,9 +36,10 @@ Two choices keep ``triggered`` vs ``pyinstrument`` like for like:
 
 Usage: python benchmarks/profiling_overhead.py [--rounds 15] [--batch 200] [--work 20000]
 Prints the median per-request microseconds of each variant, then the paired
-per-round ratios the targets are judged by (``triggered / pyinstrument``: the
-triggered profile against pyinstrument's own capture; ``configured / fastprof``
-against ``fastprof_aa / fastprof``, the A/A noise).
+per-round ratios the targets are judged by (``triggered / pyinstrument`` and
+``triggered / pyinstrument_at_send``: the triggered profile against
+pyinstrument's own capture; ``configured / fastprof`` against ``fastprof_aa /
+fastprof``, the A/A noise).
 """
 
 from __future__ import annotations
@@ -74,19 +82,39 @@ def build(
 
 
 class PyinstrumentCapture:
-    """pyinstrument's documented recipe as pure ASGI; ``html`` also renders, as the recipe does."""
+    """pyinstrument's documented recipe as pure ASGI; ``html`` also renders, as the recipe does.
 
-    def __init__(self, app: Any, html: bool = False) -> None:
+    With ``at_send``, the profile stops when the app hands over its last body
+    message (before passing it on), where fastprof's profile stops: the app's
+    sends pass through fastprof's middleware *inside* this call, so stopping
+    after the app returns would also sample fastprof's end-of-request work.
+    """
+
+    def __init__(self, app: Any, html: bool = False, at_send: bool = False) -> None:
         self.app = app
         self.html = html
+        self.at_send = at_send
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         profiler = Profiler(interval=0.001, async_mode="enabled")
         profiler.start()
+        outer_send = send
+        if self.at_send:
+
+            async def send(message: Any) -> None:
+                if (
+                    profiler.is_running
+                    and message["type"] == "http.response.body"
+                    and not message.get("more_body", False)
+                ):
+                    profiler.stop()
+                await outer_send(message)
+
         try:
             await self.app(scope, receive, send)
         finally:
-            profiler.stop()
+            if profiler.is_running:
+                profiler.stop()
             if self.html:
                 profiler.output_html()
 
@@ -135,6 +163,7 @@ async def run(rounds: int, batch: int, work: int) -> dict[str, list[float]]:
         "configured": (build(work, fastprof.Profiling(secret=SECRET), provider), False),
         "triggered": (build(work, profiling_on, provider), True),
         "pyinstrument": (build(work, None, provider, capture={}), False),
+        "pyinstrument_at_send": (build(work, None, provider, capture={"at_send": True}), False),
         "pyinstrument_html": (build(work, None, provider, capture={"html": True}), False),
     }
     base_headers = [(b"host", b"127.0.0.1"), (b"user-agent", b"bench"), (b"accept", b"*/*")]
@@ -170,6 +199,7 @@ PAIRS = (
     ("fastprof_aa", "fastprof"),
     ("configured", "fastprof"),
     ("triggered", "pyinstrument"),
+    ("triggered", "pyinstrument_at_send"),
     ("pyinstrument_html", "pyinstrument"),
 )
 
@@ -181,6 +211,8 @@ def paired_ratios(results: dict[str, list[float]], name: str, reference: str) ->
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
     q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q1, q2, q3
 

@@ -87,9 +87,18 @@ def test_profiling_overhead_script_runs_every_variant_and_pairs_rounds(
     monkeypatch.setattr("sys.argv", ["profiling_overhead.py", "--rounds", "3", "--batch", "2"])
     profiling_overhead.main()
     printed = capsys.readouterr().out
-    for name in ("fastprof_aa", "configured", "triggered", "pyinstrument", "pyinstrument_html"):
+    for name in (
+        "fastprof_aa",
+        "configured",
+        "triggered",
+        "pyinstrument",
+        "pyinstrument_at_send",
+        "pyinstrument_html",
+    ):
         assert f"\n{name} " in printed
     assert "triggered / pyinstrument = " in printed
+    assert "triggered / pyinstrument_at_send = " in printed
     results = {"a": [2.0, 3.0, 4.0], "b": [1.0, 3.0, 2.0]}
     assert profiling_overhead.paired_ratios(results, "a", "b") == [2.0, 1.0, 2.0]
     assert profiling_overhead.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+    assert profiling_overhead.quartiles([1.5]) == (1.5, 1.5, 1.5)
