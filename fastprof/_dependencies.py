@@ -732,7 +732,6 @@ def _leave_solve(tracker: _Tracker, node: _Node, result: Any) -> None:
 # ------------------------------------------------------------------ endpoint and serialization
 
 
-_endpoint_mirrors: dict[int, tuple[Any, Any]] = {}
 #: For a sync endpoint run in the thread pool: where its worker thread records the
 #: time it started, and the request's worker hook (set while a profile is active).
 _worker_run: ContextVar[tuple[list[int], Callable[[Callable[[], Any]], Any] | None] | None] = (
@@ -740,49 +739,56 @@ _worker_run: ContextVar[tuple[list[int], Callable[[Callable[[], Any]], Any] | No
 )
 
 
-def _timed_endpoint(dependant: Any) -> Any:
-    entry = _endpoint_mirrors.get(id(dependant))
-    if entry is not None and entry[0] is dependant:
-        return entry[1]
-    call = dependant.call
+class _Endpoint:
+    """What fastprof needs of one endpoint, made once per dependant."""
 
-    @functools.wraps(call)
-    def endpoint(*args: Any, **kwargs: Any) -> Any:
-        run = _worker_run.get()
-        if run is None:
-            return call(*args, **kwargs)
-        box, hook = run
-        box.append(time.perf_counter_ns())
-        if hook is None:
-            return call(*args, **kwargs)
-        return hook(functools.partial(call, *args, **kwargs))
+    __slots__ = ("attributes", "dependant", "mirror", "name")
 
-    mirror = copy.copy(dependant)
-    mirror.call = endpoint
-    if len(_endpoint_mirrors) >= _MAX_MIRRORS:
-        _endpoint_mirrors.clear()
-    _endpoint_mirrors[id(dependant)] = (dependant, mirror)
-    return mirror
+    def __init__(self, dependant: Any) -> None:
+        call = dependant.call
+        self.dependant = dependant
+        #: Timing name and phase-span attributes.
+        self.name: str = getattr(call, "__qualname__", "endpoint")
+        self.attributes: dict[str, Any] = {
+            "fastprof.phase": "endpoint",
+            "code.function.name": _CallInfo(call, "endpoint").code_name,
+        }
+        #: For a sync endpoint: a copy of the dependant whose call records when a
+        #: worker thread starts it and runs it through the profile's worker hook.
+        self.mirror: Any = None
+
+    def timed(self) -> Any:
+        mirror = self.mirror
+        if mirror is None:
+            call = self.dependant.call
+
+            @functools.wraps(call)
+            def endpoint(*args: Any, **kwargs: Any) -> Any:
+                run = _worker_run.get()
+                if run is None:
+                    return call(*args, **kwargs)
+                box, hook = run
+                box.append(time.perf_counter_ns())
+                if hook is None:
+                    return call(*args, **kwargs)
+                return hook(functools.partial(call, *args, **kwargs))
+
+            mirror = self.mirror = copy.copy(self.dependant)
+            mirror.call = endpoint
+        return mirror
 
 
-_endpoint_infos: dict[int, tuple[Any, str, dict[str, Any]]] = {}
+_endpoints: dict[int, _Endpoint] = {}
 
 
-def _endpoint_info(dependant: Any) -> tuple[str, dict[str, Any]]:
-    """The endpoint's timing name and phase-span attributes (cached per dependant)."""
-    entry = _endpoint_infos.get(id(dependant))
-    if entry is not None and entry[0] is dependant:
-        return entry[1], entry[2]
-    call = dependant.call
-    name = getattr(call, "__qualname__", "endpoint")
-    attrs = {
-        "fastprof.phase": "endpoint",
-        "code.function.name": _CallInfo(call, "endpoint").code_name,
-    }
-    if len(_endpoint_infos) >= _MAX_MIRRORS:
-        _endpoint_infos.clear()
-    _endpoint_infos[id(dependant)] = (dependant, name, attrs)
-    return name, attrs
+def _endpoint(dependant: Any) -> _Endpoint:
+    """The endpoint entry of ``dependant`` (cached per dependant; bounded)."""
+    entry = _endpoints.get(id(dependant))
+    if entry is None or entry.dependant is not dependant:
+        if len(_endpoints) >= _MAX_MIRRORS:
+            _endpoints.clear()
+        entry = _endpoints[id(dependant)] = _Endpoint(dependant)
+    return entry
 
 
 def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -794,15 +800,18 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
         name = "endpoint"
         submitted = time.perf_counter_ns()
         try:
-            name, attributes = _endpoint_info(dependant)
+            endpoint = _endpoint(dependant)
+            name = endpoint.name
             if tracker.phases:
                 ctx = current_context()
-                span = _phase_span(tracker, "fastprof.endpoint", ctx, submitted, attributes)
+                span = _phase_span(
+                    tracker, "fastprof.endpoint", ctx, submitted, endpoint.attributes
+                )
                 token = attach_context(trace.set_span_in_context(span, ctx))
             if not is_coroutine:
-                dependant = _timed_endpoint(dependant)
+                dependant = endpoint.timed()
                 box = []
-                # Read by _timed_endpoint in the worker thread (and by nothing else).
+                # Read by the endpoint mirror in the worker thread (and by nothing else).
                 box_token = _worker_run.set((box, tracker.state.worker_hook))
         except Exception as exc:
             _internal_errors.report("dependencies.endpoint_start", exc)
