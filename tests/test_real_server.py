@@ -128,3 +128,38 @@ def test_client_disconnect_is_seen_by_the_app_and_recorded(spans: Spans) -> None
     assert span.attributes["http.route"] == "/hang"
     # The app answered after the client had gone: the span says so.
     assert span.attributes["fastprof.client_disconnected"] is True
+
+
+def test_concurrent_profiles_on_a_real_server_hold_only_their_own_frames(spans: Spans) -> None:
+    """Three profiled requests at once on uvicorn (async work on the loop, a sync dependency
+    and a sync endpoint in the thread pool): each profile has its own hot function only."""
+    from fastprof.profiling import _documents
+    from tests._profiling_support import SECRET, frames_of
+    from tests._profiling_support import make_app as make_profiled_app
+
+    profiling = fastprof.Profiling(secret=SECRET, max_concurrent=3)
+    app = make_profiled_app(profiling, spans)
+    hot = {"/alpha": "async_hot_alpha", "/gamma": "sync_hot_gamma", "/delta": "sync_hot_delta"}
+    with serve(app) as base:
+
+        async def run() -> dict[str, str]:
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+
+                async def one(path: str) -> tuple[str, str]:
+                    token = fastprof.profiling.mint_token(SECRET)
+                    r = await client.get(path, headers={"X-Fastprof-Profile": token})
+                    assert r.status_code == 200
+                    return path, r.headers["x-fastprof-profile-id"]
+
+                return dict(await asyncio.gather(*(one(path) for path in hot)))
+
+        ids = asyncio.run(run())
+    for path, function in hot.items():
+        frames = frames_of(profiling, ids[path])
+        assert function in frames, (path, sorted(frames))
+        others = set(hot.values()) - {function}
+        assert not others & frames, (path, others & frames)
+    assert profiling.stats()["started"] == 3
+    # They did run at once: the three profiles overlap in time.
+    sessions = [_documents.decode(profiling.store.get(i) or b"")[1] for i in ids.values()]
+    assert max(s.start_time for s in sessions) < min(s.start_time + s.duration for s in sessions)
