@@ -265,3 +265,15 @@ def test_memory_store_lazy_document_over_the_cap_is_served_once_then_dropped() -
     store.put_lazy(meta(1), lambda: b"x" * 5000, size_hint=10)
     assert store.get(pid(1)) == b"x" * 5000
     assert store.get(pid(1)) is None and len(store) == 0
+
+
+def test_memory_store_subclass_customising_put_gets_every_document_through_it() -> None:
+    class Audited(MemoryStore):
+        def put(self, meta: ProfileMeta, document: bytes) -> None:
+            super().put(meta, document)
+
+    class Plain(MemoryStore):
+        pass
+
+    assert Audited().put_lazy is None  # fastprof then uses put() (through its writer)
+    assert Plain().put_lazy is not None and MemoryStore().put_lazy is not None

@@ -386,23 +386,13 @@ class Profiling(RequestHooks):
     def _keep(self, meta: ProfileMeta, session: Any, document: bytes | None) -> bool:
         """Hand the profile to the store; ``False`` when it had to be dropped."""
         store = self.store
-        if (
-            isinstance(store, MemoryStore)
-            and type(store).put is MemoryStore.put  # a subclass customising put gets puts
-            and session.sample_count <= LAZY_MAX_SAMPLES
-        ):
-            # The default store keeps small profiles as they are (a dict insert on
-            # the loop) and encodes them when fetched, in the viewer's thread.
+        put_lazy = getattr(store, "put_lazy", None)
+        if put_lazy is not None and document is None and session.sample_count <= LAZY_MAX_SAMPLES:
+            # A store that takes documents lazily (the default MemoryStore) keeps a
+            # small profile as it is and encodes it when fetched: no encoding on the
+            # loop, no writer thread competing with it for the GIL.
             try:
-                if document is not None:
-                    store.put(meta, document)
-                else:
-                    snapshot = meta.to_dict()
-                    store.put_lazy(
-                        meta,
-                        functools.partial(_documents.encode, session, snapshot),
-                        _size_hint(session),
-                    )
+                put_lazy(meta, functools.partial(_encode, session, meta), _size_hint(session))
             except Exception as exc:
                 self._count("store_failed")
                 _internal_errors.report("profile.store", exc)
@@ -416,10 +406,7 @@ class Profiling(RequestHooks):
     ) -> Callable[[], None]:
         def job() -> None:
             try:
-                data = (
-                    document if document is not None else _documents.encode(session, meta.to_dict())
-                )
-                self.store.put(meta, data)
+                self.store.put(meta, document if document is not None else _encode(session, meta))
             except Exception as exc:
                 self._count("store_failed")
                 _internal_errors.report("profile.store", exc)
@@ -429,8 +416,14 @@ class Profiling(RequestHooks):
         return job
 
 
+def _encode(session: Any, meta: ProfileMeta) -> bytes:
+    """The stored document of a profile (in the writer or viewer thread, not on the loop)."""
+    return _documents.encode(session, meta.to_dict())
+
+
 #: Profiles with at most this many samples (0.2 s at the default 1 ms interval) go
-#: into a :class:`MemoryStore` unencoded; longer ones are encoded by the writer.
+#: to a store with ``put_lazy`` (the default MemoryStore) unencoded; longer ones are
+#: encoded by the writer.
 LAZY_MAX_SAMPLES: Final = 200
 
 

@@ -93,7 +93,12 @@ class ProfileMeta:
 
 @runtime_checkable
 class ProfileStore(Protocol):
-    """Keeps profile documents by id. Implementations must be thread-safe."""
+    """Keeps profile documents by id. Implementations must be thread-safe.
+
+    A store may also offer ``put_lazy(meta, encode, size_hint)`` (see
+    :meth:`MemoryStore.put_lazy`): fastprof then hands it short profiles
+    unencoded, and ``encode()`` makes the document when it is first fetched.
+    """
 
     def put(self, meta: ProfileMeta, document: bytes) -> None:
         """Store a document (may evict older ones). May raise ``OSError``."""
@@ -133,6 +138,12 @@ class MemoryStore:
         )
         self._bytes = 0
         self._lock = threading.Lock()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "put" in cls.__dict__ and "put_lazy" not in cls.__dict__:
+            # A subclass that customises put() gets every document through it.
+            setattr(cls, "put_lazy", None)  # noqa: B010
 
     def put(self, meta: ProfileMeta, document: bytes) -> None:
         if not valid_profile_id(meta.profile_id) or len(document) > self.max_bytes:
