@@ -362,7 +362,14 @@ def _wrapper_if_timed(call: Any, marked_only: bool) -> Any:
 
 
 def _mirror_of(dependant: Any, marked_only: bool, root: bool) -> Any:
-    """``dependant`` with every dependency below it calling fastprof's wrappers.
+    """``dependant`` with every dependency below it calling fastprof's wrappers."""
+    return _mirror_entry(dependant, marked_only, root)[1]
+
+
+def _mirror_entry(
+    dependant: Any, marked_only: bool, root: bool
+) -> tuple[Any, Any, _CallInfo | None]:
+    """``(dependant, its mirror, the _CallInfo of the mirror's call or None)``.
 
     Built once per dependant (and mode) and cached: the request path only does a
     dict lookup. Mirrors are fixed points (a mirror's mirror is itself), so the
@@ -371,7 +378,7 @@ def _mirror_of(dependant: Any, marked_only: bool, root: bool) -> Any:
     cache = _mirrors[(marked_only, root)]
     entry = cache.get(id(dependant))
     if entry is not None and entry[0] is dependant:
-        return entry[1]
+        return entry
     mirror = dependant
     changed = False
     subs = []
@@ -387,13 +394,13 @@ def _mirror_of(dependant: Any, marked_only: bool, root: bool) -> Any:
     info = None if root else _info_of(mirror.call)
     if len(cache) >= _MAX_MIRRORS:
         cache.clear()
-    cache[id(dependant)] = (dependant, mirror, info)
+    entry = cache[id(dependant)] = (dependant, mirror, info)
     if mirror is not dependant:
         subs_cache = _sub_mirrors[marked_only]
         if len(subs_cache) >= _MAX_MIRRORS:
             subs_cache.clear()
         subs_cache[id(mirror)] = (mirror, mirror, _info_of(call))
-    return mirror
+    return entry
 
 
 class _OverridesView:
@@ -620,11 +627,7 @@ def _patch(original: Callable[..., Any]) -> Callable[..., Any]:
             raise
         tracker.current = parent
         try:
-            if node.info is not None and tracker.pending is None and not result.errors:
-                node.ready_ns = time.perf_counter_ns()
-                tracker.pending = node  # the wrapper called next picks it up
-            else:
-                _leave_solve(tracker, node, result)
+            _leave_solve(tracker, node, result)
         except Exception as exc:
             _internal_errors.report("dependencies.solve_end", exc)
         return result
@@ -677,11 +680,9 @@ def _enter_solve(
         # info is None when FastAPI will call something fastprof did not wrap:
         # the node then only groups its children.
         entry = _sub_mirrors[tracker.marked_only].get(id(dependant))
-        if entry is not None and entry[0] is dependant:
-            mirror, info = entry[1], entry[2]
-        else:
-            mirror = _mirror_of(dependant, tracker.marked_only, root=False)
-            info = _info_of(mirror.call)
+        if entry is None or entry[0] is not dependant:
+            entry = _mirror_entry(dependant, tracker.marked_only, root=False)
+        _, mirror, info = entry
         node = _Node(tracker, info, parent, parent.ctx)
     node.mirror = mirror
     kwargs["dependant"] = mirror
