@@ -368,6 +368,24 @@ async def test_sync_work_in_the_thread_pool_appears_under_a_worker_frame(
         assert not {"_bootstrap", "_bootstrap_inner", "worker_hook"} & set(names[at + 1 :]), names
 
 
+@pytest.mark.anyio
+async def test_worker_calls_over_budget_run_unsampled_and_are_counted(spans, monkeypatch) -> None:
+    from fastprof.profiling import _capture
+
+    monkeypatch.setattr(_capture, "MAX_WORKER_CALLS", 0)
+    profiling = fastprof.Profiling(secret=SECRET)
+    app = make_app(profiling, spans)
+    async with client_for(app) as client:
+        response = await client.get("/gamma", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+    assert response.json() == {"value": 2}
+    attrs = profile_attrs(spans.server()[0])
+    # The sync dependency and the sync endpoint: both ran, neither was sampled.
+    assert attrs["fastprof.profile.worker_calls_incomplete"] == 2
+    assert "fastprof.profile.worker_calls" not in attrs
+    frames = frames_of(profiling, response.headers["x-fastprof-profile-id"])
+    assert "gamma_dependency [worker thread]" not in frames
+
+
 class _TrackerProbe(fastprof.RequestHooks):
     """Records whether dependency instrumentation followed each request."""
 

@@ -293,7 +293,7 @@ class ProfileCapture:
         # when the profile stops (only their own thread can unsubscribe them).
         self._live_workers: set[_Sampler] = set()
         self._worker_calls = 0
-        self._worker_dropped = 0
+        self._worker_calls_incomplete = 0
         self._lock = threading.Lock()
         self._stopped = False
         self._cap_handle: Any = None
@@ -365,8 +365,9 @@ class ProfileCapture:
         return self._worker_calls
 
     @property
-    def worker_dropped(self) -> int:
-        return self._worker_dropped
+    def worker_calls_incomplete(self) -> int:
+        """Worker calls not sampled (over the call or sample budget) or cut short by it."""
+        return self._worker_calls_incomplete
 
     # -- worker threads -------------------------------------------------------
 
@@ -381,7 +382,7 @@ class ProfileCapture:
         with self._lock:
             room = MAX_WORKER_SAMPLES - len(self._worker_records)
             if self._worker_calls >= MAX_WORKER_CALLS or room <= 0:
-                self._worker_dropped += 1
+                self._worker_calls_incomplete += 1
                 return fn()
             self._worker_calls += 1
             # Bounded while it runs, too: the profile's duration cap and sample
@@ -422,7 +423,7 @@ class ProfileCapture:
                 return
             room = MAX_WORKER_SAMPLES - len(self._worker_records)
             if room < len(records) or worker.dropped:
-                self._worker_dropped += 1
+                self._worker_calls_incomplete += 1
                 records = records[: max(room, 0)]
             self._worker_records.extend(records)
 

@@ -364,8 +364,8 @@ class Profiling(RequestHooks):
         attrs["fastprof.profile.samples"] = session.sample_count
         if capture.worker_calls:
             attrs["fastprof.profile.worker_calls"] = capture.worker_calls
-        if capture.worker_dropped:
-            attrs["fastprof.profile.worker_samples_dropped"] = capture.worker_dropped
+        if capture.worker_calls_incomplete:
+            attrs["fastprof.profile.worker_calls_incomplete"] = capture.worker_calls_incomplete
         if capture.truncated:
             attrs["fastprof.profile.truncated"] = True
         span.set_attributes(attrs)
