@@ -65,8 +65,8 @@ class Block:
         self.seq = seq
         #: ``time.perf_counter()`` at which the late heartbeat was due.
         self.due = due
+        #: At most :attr:`LoopWatchdog.max_samples`, taken while the loop was blocked.
         self.samples: list[Sample] = []
-        #: Samples not kept because :attr:`LoopWatchdog.max_samples` was reached.
         #: Set by whoever reported the block (so it is reported once).
         self.reported = False
 
