@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import httpx
 from fastapi import Depends, FastAPI
 from starlette.responses import PlainTextResponse, StreamingResponse
 
@@ -151,3 +152,7 @@ def frames_of(profiling: fastprof.Profiling, profile_id: str) -> set[str]:
     assert document is not None, "profile not stored"
     _, session = _documents.decode(document)
     return {frame.split("\x00", 1)[0] for stack, _ in session.frame_records for frame in stack}
+
+
+def client_for(app: object) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")  # type: ignore[arg-type]

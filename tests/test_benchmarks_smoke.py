@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +103,25 @@ def test_profiling_overhead_script_runs_every_variant_and_pairs_rounds(
     assert profiling_overhead.paired_ratios(results, "a", "b") == [2.0, 1.0, 2.0]
     assert profiling_overhead.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
     assert profiling_overhead.quartiles([1.5]) == (1.5, 1.5, 1.5)
+
+
+@pytest.mark.parametrize("at_send", [False, True])
+def test_bare_capture_stops_at_the_last_message_only_with_at_send(at_send: bool) -> None:
+    import sys
+
+    from benchmarks.profiling_overhead import PyinstrumentCapture
+
+    sampling_after_last_message: list[bool] = []
+
+    async def app(scope: object, receive: object, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        sampling_after_last_message.append(sys.getprofile() is not None)
+
+    async def send(message: object) -> None:
+        pass
+
+    asyncio.run(PyinstrumentCapture(app, at_send=at_send)({}, None, send))
+    assert sampling_after_last_message == [not at_send]
+    assert sys.getprofile() is None

@@ -7,10 +7,10 @@ import random
 import re
 import sys
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 from fastapi import FastAPI
 from opentelemetry.sdk.trace import TracerProvider
@@ -23,15 +23,12 @@ from tests._profiling_support import (
     OTHER_SECRET,
     SECRET,
     asgi_call,
+    client_for,
     frames_of,
     make_app,
 )
 
 HEADER = b"x-fastprof-profile"
-
-
-def client_for(app: object) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")  # type: ignore[arg-type]
 
 
 def profile_attrs(span: object) -> dict[str, object]:
@@ -91,9 +88,18 @@ class _SamplerProbe(fastprof.RequestHooks):
 
 
 @pytest.mark.anyio
-async def test_profile_stops_before_fastprofs_end_of_request_work(spans) -> None:
-    """The profile covers the request, not fastprof's own bookkeeping when it completes."""
+async def test_profile_stops_before_fastprofs_end_of_request_work(spans, monkeypatch) -> None:
+    """The profile covers the request, not fastprof's own bookkeeping when it completes:
+    neither the route resolution nor any component's ``on_request_end`` is sampled."""
     probe = _SamplerProbe()
+    at_finalize: list[bool] = []
+    finalize_route = fastprof.RequestState.finalize_route
+
+    def finalize(self: fastprof.RequestState) -> None:  # fastprof's own end-of-request work
+        at_finalize.append(sys.getprofile() is not None)
+        finalize_route(self)
+
+    monkeypatch.setattr(fastprof.RequestState, "finalize_route", finalize)
     profiling = fastprof.Profiling(secret=SECRET)
     app = FastAPI()
 
@@ -106,6 +112,7 @@ async def test_profile_stops_before_fastprofs_end_of_request_work(spans) -> None
         response = await client.get("/x", headers={"X-Fastprof-Profile": mint_token(SECRET)})
     assert response.json() == {"sampling": True}
     assert "x-fastprof-profile-id" in response.headers
+    assert at_finalize == [False]
     assert probe.sampling_at_end == [False]
     assert profile_attrs(spans.server()[0])["fastprof.profile.id"]
 
@@ -130,6 +137,10 @@ async def test_profile_stop_failure_never_fails_the_request(spans, monkeypatch) 
     assert response.status_code == 200 and response.json() == {"endpoint": "alpha"}
     assert _internal_errors.counts()["profile.stop"] == 1
     assert "fastprof.profile.id" not in profile_attrs(spans.server()[0])
+    # The response header left before the profile ended; its id resolves to nothing.
+    assert profiling.store.get(response.headers["x-fastprof-profile-id"]) is None
+    stats = profiling.stats()
+    assert stats["started"] == 1 and stats["stored"] == 0 and stats["active"] == 0
     # The concurrency slot was released: the next token profiles.
     spans.clear()
     async with client_for(app) as client:
@@ -398,17 +409,20 @@ class _TrackerProbe(fastprof.RequestHooks):
         self.tracked.append(bool(state.extra) and _dependencies._EXTRA_KEY in state.extra)
 
 
+@pytest.mark.parametrize("own_hook", [False, True], ids=["instrument", "user_supplied"])
 @pytest.mark.anyio
-async def test_unsampled_profiled_request_still_profiles_its_worker_threads() -> None:
+async def test_unsampled_profiled_request_still_profiles_its_worker_threads(own_hook) -> None:
     """Trace sampling off: a token still profiles sync dependencies and endpoints in the
-    thread pool; unprofiled unsampled requests get no dependency work."""
-
-    class Unsampled:
-        provider = TracerProvider(sampler=ALWAYS_OFF)
-
+    thread pool; unprofiled unsampled requests get no dependency work. Also with a
+    ``DependencySpans(profiled_requests=True)`` passed in ``hooks=``: ``instrument()``
+    runs profiling before the user's hooks, so it sees the profile."""
+    provider = TracerProvider(sampler=ALWAYS_OFF)
     probe = _TrackerProbe()
+    hooks: tuple[fastprof.RequestHooks, ...] = (probe,)
+    if own_hook:
+        hooks = (fastprof.DependencySpans(tracer_provider=provider, profiled_requests=True), probe)
     profiling = fastprof.Profiling(secret=SECRET)
-    app = make_app(profiling, Unsampled, hooks=(probe,))
+    app = make_app(profiling, SimpleNamespace(provider=provider), hooks=hooks)
     async with client_for(app) as client:
         gamma = await client.get("/gamma", headers={"X-Fastprof-Profile": mint_token(SECRET)})
         delta = await client.get("/delta", headers={"X-Fastprof-Profile": mint_token(SECRET)})
@@ -417,24 +431,6 @@ async def test_unsampled_profiled_request_still_profiles_its_worker_threads() ->
     assert "sync_hot_gamma" in frames_of(profiling, gamma.headers["x-fastprof-profile-id"])
     assert "sync_hot_delta" in frames_of(profiling, delta.headers["x-fastprof-profile-id"])
     assert probe.tracked == [True, True, False]
-
-
-@pytest.mark.anyio
-async def test_user_supplied_dependency_spans_follow_profiled_unsampled_requests() -> None:
-    """``instrument()`` runs profiling before the user's hooks, so a DependencySpans passed
-    in ``hooks=`` with ``profiled_requests=True`` sees the profile."""
-
-    class Unsampled:
-        provider = TracerProvider(sampler=ALWAYS_OFF)
-
-    profiling = fastprof.Profiling(secret=SECRET)
-    dependency_spans = fastprof.DependencySpans(
-        tracer_provider=Unsampled.provider, profiled_requests=True
-    )
-    app = make_app(profiling, Unsampled, hooks=(dependency_spans,))
-    async with client_for(app) as client:
-        response = await client.get("/gamma", headers={"X-Fastprof-Profile": mint_token(SECRET)})
-    assert "sync_hot_gamma" in frames_of(profiling, response.headers["x-fastprof-profile-id"])
 
 
 @pytest.mark.anyio

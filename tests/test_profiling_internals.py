@@ -467,3 +467,34 @@ def test_installed_pyinstrument_has_the_sampler_internals_fastprof_uses() -> Non
     assert _capture._active_profiler is stack_sampler.active_profiler_context_var
     target = inspect.signature(Profiler._sampler_saw_call_stack).parameters
     assert list(target) == ["self", "call_stack", "time_since_last_sample", "async_state"]
+
+
+@pytest.mark.anyio
+async def test_worker_samples_stop_at_the_profiles_worker_sample_budget(monkeypatch) -> None:
+    monkeypatch.setattr(_capture, "MAX_WORKER_SAMPLES", 5)
+    capture = _capture.ProfileCapture("b" * 32, trigger="header", interval_s=0.001, on_done=id)
+    capture.start(sys._getframe(), max_duration_s=60)
+
+    def spin_in_worker() -> None:
+        end = time.perf_counter() + 0.1
+        while time.perf_counter() < end:
+            sum(range(200))
+
+    kept: list[int] = []
+    merge = _capture.ProfileCapture._merge_worker
+
+    def spy(self, worker, name):  # type: ignore[no-untyped-def]
+        kept.append(len(worker.frame_records))  # bounded while it ran, not only when merged
+        return merge(self, worker, name)
+
+    monkeypatch.setattr(_capture.ProfileCapture, "_merge_worker", spy)
+    await asyncio.to_thread(capture.worker_hook, spin_in_worker)  # ~100 samples
+    assert kept and kept[0] <= 5
+    assert capture.worker_calls == 1 and capture.worker_calls_incomplete == 1
+    # A further call finds the budget spent: it runs unsampled, and is counted.
+    assert await asyncio.to_thread(capture.worker_hook, lambda: 42) == 42
+    assert capture.worker_calls == 1 and capture.worker_calls_incomplete == 2
+    session = capture.stop()
+    assert session is not None
+    grafted = [s for s, _ in session.frame_records if any("[worker thread]" in f for f in s)]
+    assert 0 < len(grafted) <= 5

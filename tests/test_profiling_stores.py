@@ -6,10 +6,12 @@ import json
 import multiprocessing
 import os
 import stat
+from typing import Any
 
 import pytest
 
-from fastprof.profiling import FileStore, MemoryStore, ProfileMeta, ProfileStore
+import fastprof
+from fastprof.profiling import FileStore, MemoryStore, ProfileMeta, ProfileStore, mint_token
 from fastprof.profiling.stores import valid_profile_id
 
 
@@ -69,18 +71,28 @@ def test_invalid_ids_are_refused(tmp_path, bad: object) -> None:
     store_dir = tmp_path / "store"
     file_store = FileStore(store_dir, clock=Clock())
     file_store.put(meta(1), b"kept")
-    # Files a path trick could reach, if ids were not checked before use.
-    (tmp_path / ("a" * 29 + ".profile")).write_bytes(b"outside")
+    # Readable profile files a path trick could reach, if ids were not checked
+    # before use (each header names the bad id, so only the id check refuses it).
+    _plant(tmp_path / ("a" * 29 + ".profile"), "../" + "a" * 29)
     for name in ("A" * 32, "a" * 31, "a" * 33, "g" * 32):
-        (store_dir / (name + ".profile")).write_bytes(b"planted")
+        _plant(store_dir / (name + ".profile"), name)
     memory_store = MemoryStore(clock=Clock())
     memory_store.put(meta(1), b"kept")
+    before = sorted(os.listdir(tmp_path)), sorted(os.listdir(store_dir))
     for store in (memory_store, file_store):
         assert store.get(pid(1)) == b"kept"  # the store does serve valid ids
         assert store.get(bad) is None  # type: ignore[arg-type]
         meta_bad = ProfileMeta(bad, created=1_000_000.0)  # type: ignore[arg-type]
         store.put(meta_bad, b"refused")
         assert store.get(bad) is None  # type: ignore[arg-type]
+        assert [m.profile_id for m in store.list()] == [pid(1)]
+    # Nothing was written for the bad id, inside the directory or outside it.
+    assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(store_dir))) == before
+
+
+def _plant(path: Any, profile_id: str) -> None:
+    header = json.dumps({"profile_id": profile_id, "created": 1_000_000.0}).encode()
+    path.write_bytes(len(header).to_bytes(4, "big") + header + b"planted")
 
 
 def test_file_store_roundtrip_permissions_and_names(tmp_path) -> None:
@@ -267,9 +279,16 @@ def test_memory_store_lazy_document_over_the_cap_is_served_once_then_dropped() -
     assert store.get(pid(1)) is None and len(store) == 0
 
 
-def test_memory_store_subclass_customising_put_gets_every_document_through_it() -> None:
+@pytest.mark.anyio
+async def test_memory_store_subclass_customising_put_gets_every_document_through_it(spans) -> None:
+    """A subclass overriding put() receives every profile through it, short ones included."""
+    from tests._profiling_support import SECRET, client_for, make_app
+
+    puts: list[str] = []
+
     class Audited(MemoryStore):
         def put(self, meta: ProfileMeta, document: bytes) -> None:
+            puts.append(meta.profile_id)
             super().put(meta, document)
 
     class Plain(MemoryStore):
@@ -277,3 +296,8 @@ def test_memory_store_subclass_customising_put_gets_every_document_through_it() 
 
     assert Audited().put_lazy is None  # fastprof then uses put() (through its writer)
     assert Plain().put_lazy is not None and MemoryStore().put_lazy is not None
+    profiling = fastprof.Profiling(secret=SECRET, store=Audited())
+    async with client_for(make_app(profiling, spans)) as client:
+        response = await client.get("/items/1", headers={"X-Fastprof-Profile": mint_token(SECRET)})
+    assert profiling.flush(10)
+    assert puts == [response.headers["x-fastprof-profile-id"]]
