@@ -434,9 +434,10 @@ class _Request(_LeanRequest):
     def _receive_wrapper(self, receive: Receive) -> Receive:
         async def wrapped_receive() -> Message:
             message = await receive()
-            if message["type"] == "http.disconnect" and not self._completed:
-                # Before the response completed: the client left (whatever the app
-                # sends afterwards goes nowhere). After it, the usual end of a request.
+            if message["type"] == "http.disconnect":
+                # Only read when the span is annotated, at the response's last
+                # message: a disconnect after it (the usual end of a request) is
+                # never recorded; one before it means the client left.
                 self._disconnected = True
             return message
 
