@@ -287,6 +287,21 @@ def test_task_sampler_records_what_a_strict_profiler_records() -> None:
     assert sampler.frame_records[2][0][-1] == "[out-of-context]"
 
 
+def _new_capture(interval_s: float = 0.001) -> _capture.ProfileCapture:
+    return _capture.ProfileCapture("a" * 32, trigger="header", interval_s=interval_s, on_done=id)
+
+
+def _make_update_fail(monkeypatch, message: str) -> None:  # type: ignore[no-untyped-def]
+    """pyinstrument's StackSampler._update does its work, then raises ``message``."""
+    update = stack_sampler.StackSampler._update
+
+    def failing(self):  # type: ignore[no-untyped-def]
+        update(self)
+        raise ValueError(message)
+
+    monkeypatch.setattr(stack_sampler.StackSampler, "_update", failing)
+
+
 def _count_stack_builds(monkeypatch) -> list[int]:
     """Counts pyinstrument's full call-stack builds (each sample or context change)."""
     builds = [0]
@@ -312,7 +327,7 @@ def _sampling_stopped() -> bool:
 async def test_stopping_a_profile_builds_no_stack_for_it(monkeypatch) -> None:
     builds = _count_stack_builds(monkeypatch)
     # A long interval: no sample is due, so any build is the context change.
-    capture = _capture.ProfileCapture("a" * 32, trigger="header", interval_s=10.0, on_done=id)
+    capture = _new_capture(10.0)
     capture.start(sys._getframe(), max_duration_s=60)
     builds[0] = 0
     session = capture.stop()
@@ -336,7 +351,7 @@ async def test_stopping_one_profile_keeps_a_concurrent_one_sampling() -> None:
     targets: list[object] = []
 
     async def request(index: int) -> None:
-        capture = _capture.ProfileCapture("b" * 32, trigger="header", interval_s=0.001, on_done=id)
+        capture = _new_capture()
         capture.start(sys._getframe(), max_duration_s=60)
         targets.append(capture._sampler._saw_call_stack)
         started[index].set()
@@ -362,7 +377,7 @@ async def test_stopping_one_profile_keeps_a_concurrent_one_sampling() -> None:
 async def test_unknown_pyinstrument_internals_use_the_public_unsubscribe(monkeypatch) -> None:
     monkeypatch.setattr(_capture, "_active_profiler", None)
     builds = _count_stack_builds(monkeypatch)
-    capture = _capture.ProfileCapture("c" * 32, trigger="header", interval_s=10.0, on_done=id)
+    capture = _new_capture(10.0)
     capture.start(sys._getframe(), max_duration_s=60)
     builds[0] = 0
     assert capture.stop() is not None
@@ -377,20 +392,14 @@ def test_unsubscribing_a_stranger_is_an_error() -> None:
 
 @pytest.mark.anyio
 async def test_a_failed_stop_leaves_the_context_free_for_the_next_profile(monkeypatch) -> None:
-    update = stack_sampler.StackSampler._update
-
-    def failing(self):  # type: ignore[no-untyped-def]
-        update(self)
-        raise ValueError("pyinstrument refused")
-
-    capture = _capture.ProfileCapture("d" * 32, trigger="header", interval_s=0.001, on_done=id)
+    capture = _new_capture()
     capture.start(sys._getframe(), max_duration_s=60)
-    monkeypatch.setattr(stack_sampler.StackSampler, "_update", failing)
+    _make_update_fail(monkeypatch, "pyinstrument refused")
     with pytest.raises(ValueError, match="refused"):
         capture.stop()
     monkeypatch.undo()
     assert _sampling_stopped()
-    again = _capture.ProfileCapture("e" * 32, trigger="header", interval_s=0.001, on_done=id)
+    again = _new_capture()
     again.start(sys._getframe(), max_duration_s=60)
     assert again.stop() is not None
     assert _sampling_stopped()
@@ -399,14 +408,8 @@ async def test_a_failed_stop_leaves_the_context_free_for_the_next_profile(monkey
 @pytest.mark.anyio
 async def test_a_failed_start_leaves_no_sampler_behind(monkeypatch) -> None:
     """pyinstrument failing inside subscribe() (after registering the subscriber)."""
-    update = stack_sampler.StackSampler._update
-
-    def failing(self):  # type: ignore[no-untyped-def]
-        update(self)
-        raise ValueError("timing thread preference clash")
-
-    monkeypatch.setattr(stack_sampler.StackSampler, "_update", failing)
-    capture = _capture.ProfileCapture("f" * 32, trigger="header", interval_s=0.001, on_done=id)
+    _make_update_fail(monkeypatch, "timing thread preference clash")
+    capture = _new_capture()
     with pytest.raises(ValueError, match="clash"):
         capture.start(sys._getframe(), max_duration_s=60)
     monkeypatch.undo()
@@ -428,7 +431,7 @@ def test_sample_callback_never_raises_into_the_app(monkeypatch) -> None:
 @pytest.mark.anyio
 async def test_a_long_worker_call_stops_keeping_samples_at_the_duration_cap() -> None:
     """A sync call still running in the thread pool when the profile's cap fires."""
-    capture = _capture.ProfileCapture("a" * 32, trigger="header", interval_s=0.001, on_done=id)
+    capture = _new_capture()
     capture.start(sys._getframe(), max_duration_s=0.05)
     workers: list[_capture._Sampler] = []
     original = _capture.ProfileCapture._merge_worker
@@ -472,7 +475,7 @@ def test_installed_pyinstrument_has_the_sampler_internals_fastprof_uses() -> Non
 @pytest.mark.anyio
 async def test_worker_samples_stop_at_the_profiles_worker_sample_budget(monkeypatch) -> None:
     monkeypatch.setattr(_capture, "MAX_WORKER_SAMPLES", 5)
-    capture = _capture.ProfileCapture("b" * 32, trigger="header", interval_s=0.001, on_done=id)
+    capture = _new_capture()
     capture.start(sys._getframe(), max_duration_s=60)
 
     def spin_in_worker() -> None:
