@@ -513,20 +513,6 @@ class _Node:
 _active: ContextVar[_Tracker | None] = ContextVar("fastprof_dependencies", default=None)
 
 
-def _new_span(
-    tracker: _Tracker,
-    name: str,
-    ctx: Context,
-    start_ns: int,
-    attributes: dict[str, Any],
-    links: list[Link] | None = None,
-) -> Span | None:
-    """A dependency or teardown span, or ``None`` past the per-request cap."""
-    if not _take_span_slot(tracker):
-        return None
-    return _phase_span(tracker, name, ctx, start_ns, attributes, links)
-
-
 def _take_span_slot(tracker: _Tracker) -> bool:
     """Count one more dependency span against the cap; ``False`` (counted as dropped) past it."""
     state = tracker.state
@@ -548,13 +534,14 @@ def _ensure_span(node: _Node) -> Span | None:
         info = node.info
         if info is None:
             return None
-        span = node.span = _new_span(
-            node.tracker, info.span_name, _parent_context(node), node.start_ns, info.attributes
-        )
-        if span is None:
+        parent_ctx = _parent_context(node)  # parents first: they take their slots first
+        if not _take_span_slot(node.tracker):
             node.dropped = True
-        else:
-            node.span_ctx = trace.set_span_in_context(span, node.ctx)
+            return None
+        span = node.span = _phase_span(
+            node.tracker, info.span_name, parent_ctx, node.start_ns, info.attributes
+        )
+        node.span_ctx = trace.set_span_in_context(span, node.ctx)
     return span
 
 

@@ -550,7 +550,7 @@ async def test_internal_failures_are_contained(spans: Any, monkeypatch: pytest.M
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("fastprof bug")
 
-    monkeypatch.setattr(_dependencies, "_new_span", broken)
+    monkeypatch.setattr(_dependencies, "_phase_span", broken)
     traced = await _get(_instrument(_tree_app([]), spans), "/items/5")
     assert (traced.status_code, traced.content) == (base.status_code, base.content)
     assert _internal_errors.counts()
