@@ -98,7 +98,7 @@ def _instrument(app: FastAPI, provider: TracerProvider, deps: bool) -> FastAPI:
     params = inspect.signature(fastprof.instrument).parameters
     if "dependencies" in params:
         return fastprof.instrument(
-            app, tracer_provider=provider, dependencies="all" if deps else "off"
+            app, tracer_provider=provider, dependencies=deps
         )
     hooks = [fastprof.DependencySpans(tracer_provider=provider)] if deps else []
     return fastprof.instrument(app, tracer_provider=provider, hooks=hooks)

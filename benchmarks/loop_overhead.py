@@ -47,7 +47,7 @@ def build(loop_monitor: fastprof.LoopMonitor | None) -> Any:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(_Discard()))
     return fastprof.instrument(
-        app, tracer_provider=provider, dependencies="off", loop_monitor=loop_monitor
+        app, tracer_provider=provider, dependencies=False, loop_monitor=loop_monitor
     )
 
 

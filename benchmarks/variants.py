@@ -170,7 +170,7 @@ def _fastprof_app(
     base: dict[str, Any] = {"tracer_provider": tp}
     params = _instrument_parameters()
     if option != "dependencies" and "dependencies" in params:
-        base["dependencies"] = "off"
+        base["dependencies"] = False
     if option is None:
         return fastprof.instrument(create_app(), **base)
     if option not in params:
@@ -317,23 +317,23 @@ def _fastprof_unsampled(ctx: SetupContext) -> ASGIApp:
 
 @variant(
     "fastprof-deps-sampled",
-    "fastprof.instrument(dependencies='all'), ALWAYS_ON",
+    "fastprof.instrument(dependencies=True), ALWAYS_ON",
     requires=_needs_instrument_option("dependencies"),
 )
 def _fastprof_deps_sampled(ctx: SetupContext) -> ASGIApp:
     return _fastprof_app(
-        ctx, sampled=True, option="dependencies", candidates=(_const("all"), _const(True))
+        ctx, sampled=True, option="dependencies", candidates=(_const(True),)
     )
 
 
 @variant(
     "fastprof-deps-unsampled",
-    "fastprof.instrument(dependencies='all'), ALWAYS_OFF",
+    "fastprof.instrument(dependencies=True), ALWAYS_OFF",
     requires=_needs_instrument_option("dependencies"),
 )
 def _fastprof_deps_unsampled(ctx: SetupContext) -> ASGIApp:
     return _fastprof_app(
-        ctx, sampled=False, option="dependencies", candidates=(_const("all"), _const(True))
+        ctx, sampled=False, option="dependencies", candidates=(_const(True),)
     )
 
 

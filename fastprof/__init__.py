@@ -4,12 +4,13 @@ Distribution ``fastprof-asgi``; import name ``fastprof``.
 """
 
 from fastprof.__about__ import __version__
-from fastprof._context import RequestState, current_request
-from fastprof._dependencies import DependencySpans
+from fastprof._context import RequestState, Timing, current_request
 from fastprof._instrument import instrument
+from fastprof.dependencies import DependencySpans
 from fastprof.depends import Depends, Security
-from fastprof.loop_monitor import LoopMonitor
-from fastprof.middleware import FastprofMiddleware, RequestHooks
+from fastprof.hooks import RequestHooks
+from fastprof.loop import LoopMonitor
+from fastprof.middleware import FastprofMiddleware
 from fastprof.profiling import Profiling
 from fastprof.slow_requests import SlowRequestLog
 
@@ -23,6 +24,7 @@ __all__ = [
     "RequestState",
     "Security",
     "SlowRequestLog",
+    "Timing",
     "__version__",
     "current_request",
     "instrument",

@@ -23,6 +23,8 @@ from fastprof._http import find_header, valid_request_id
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from fastprof.hooks import RequestHooks
+
 __all__ = ["MAX_TIMINGS", "SCOPE_KEY", "RequestState", "Timing", "current_request"]
 
 SCOPE_KEY = "fastprof.request"
@@ -58,29 +60,31 @@ class RequestState:
     _id_headers: Any = None
     _id_header_name: bytes | None = None
     status_code: int | None = None
-    dependency_spans: int = 0
-    dependency_spans_dropped: int = 0
     #: Bounded by :data:`MAX_TIMINGS`; append with :meth:`add_timing`.
     timings: Sequence[Timing] = ()
     timings_dropped: int = 0
+    #: Total time sync work of this request waited for a worker thread.
     threadpool_wait_s: float = 0.0
+    #: Time this request blocked the event loop (set by the loop monitor).
     blocked_s: float = 0.0
+    #: The id of the profile being taken of this request, if any (set at request
+    #: start by profiling, before any other component's hook runs).
     profile_id: str | None = None
-    task: Any = None
-    extra: dict[str, Any] | None = None
     #: Name of the dependency/phase currently running on the event loop for
     #: this request (set by dependency instrumentation; read by the loop
     #: watchdog from another thread to attribute a block).
     current_operation: str | None = None
-    #: When set (by an active profile), sync work that fastprof runs in a
-    #: worker thread for this request is called as ``worker_hook(fn)``
-    #: instead of ``fn()``, so the profile can cover the worker thread.
-    worker_hook: Callable[[Callable[[], Any]], Any] | None = None
-    #: When set (by an active profile), called once as the response completes,
-    #: before fastprof's own end-of-request work (route, span attributes,
-    #: ``on_request_end`` hooks), so that work is neither in the profile nor
-    #: slowed by its sampler.
-    stop_profile: Callable[[], Any] | None = None
+
+    # fastprof's own per-request records, one slot per component (not API).
+    #: The hooks whose ``run_in_worker`` this request's sync code goes through
+    #: (set by the middleware; see :func:`fastprof.hooks.run_in_worker`).
+    _worker_hooks: tuple[RequestHooks, ...] = ()
+    #: The profile capture of this request (profiling).
+    _profile: Any = None
+    #: The dependency span tree of this request (dependency spans).
+    _dependencies: Any = None
+    #: The asyncio task serving this request (loop monitor).
+    _task: Any = None
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """HTTP helpers for the SERVER span: header access, propagation, semantic conventions.
 
 Header bytes are decoded as latin-1 (never raises) and values are length-checked
-before anything parses them (FM-15). Everything here is pure and cheap.
+before anything parses them (see docs/reliability.md). Everything here is pure and cheap.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, quote
 from opentelemetry import propagate
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
+from starlette.types import Scope
 
 __all__ = [
     "KNOWN_METHODS",
@@ -24,6 +25,7 @@ __all__ = [
     "extract_context",
     "find_header",
     "redact_query",
+    "request_attributes",
     "server_address",
     "truncate",
     "valid_request_id",
@@ -219,3 +221,37 @@ def method_attributes(method: str) -> dict[str, Any]:
         "http.request.method": "_OTHER",
         "http.request.method_original": truncate(method, 64),
     }
+
+
+def request_attributes(
+    scope: Scope,
+    headers: RawHeaders,
+    attrs: dict[str, Any],
+    limit: int,
+    query_policy: QueryPolicy,
+    sensitive_keys: frozenset[str],
+) -> dict[str, Any]:
+    """Add the HTTP server span attributes of ``scope`` to ``attrs`` (strings cut to ``limit``)."""
+    scheme = scope.get("scheme", "http")
+    attrs["url.scheme"] = scheme
+    attrs["url.path"] = truncate(scope.get("path", ""), limit)
+    query = redact_query(scope.get("query_string", b""), query_policy, limit, sensitive_keys)
+    if query is not None:
+        attrs["url.query"] = query
+    version = scope.get("http_version")
+    if version:
+        attrs["network.protocol.version"] = version
+    address, port = server_address(find_header(headers, b"host"), scope.get("server"), scheme)
+    if address is not None:
+        attrs["server.address"] = truncate(address, limit)
+        if port is not None:
+            attrs["server.port"] = port
+    client = scope.get("client")
+    if client:
+        attrs["client.address"] = client[0]
+        if client[1] is not None:
+            attrs["client.port"] = client[1]
+    user_agent = find_header(headers, b"user-agent")
+    if user_agent is not None:
+        attrs["user_agent.original"] = truncate(user_agent.decode("latin-1"), limit)
+    return attrs

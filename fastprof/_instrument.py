@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar, Unpack
 
-from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
 
 from fastprof import _internal_errors
-from fastprof._http import QueryPolicy
-from fastprof._options import check_int
-from fastprof.loop_monitor import LoopMonitor
-from fastprof.middleware import ExcludeOption, FastprofMiddleware, RequestHooks
+from fastprof.dependencies import DependencySpans
+from fastprof.hooks import RequestHooks
+from fastprof.loop import LoopMonitor
+from fastprof.middleware import FastprofMiddleware, MiddlewareOptions
 from fastprof.profiling import Profiling
 from fastprof.slow_requests import SlowRequestLog
 
@@ -56,41 +55,44 @@ def _is_fastapi(app: Starlette) -> bool:
 def instrument(
     app: AppT,
     *,
-    tracer_provider: TracerProvider | None = None,
-    exclude: ExcludeOption = None,
-    request_id_header: str | None = "x-request-id",
-    response_request_id_header: str | None = None,
-    query: QueryPolicy = "redact_sensitive",
-    max_attribute_length: int = 2048,
-    hooks: Iterable[RequestHooks] = (),
-    dependencies: Literal["all", "marked", "off"] = "all",
-    max_dependency_spans: int = 256,
+    dependencies: DependencySpans | bool = True,
     profiling: Profiling | None = None,
     loop_monitor: LoopMonitor | None = None,
     slow_requests: SlowRequestLog | None = None,
+    **options: Unpack[MiddlewareOptions],
 ) -> AppT:
     """Instrument a Starlette or FastAPI application in place and return it.
 
-    Adds :class:`~fastprof.middleware.FastprofMiddleware` as the outermost user
-    middleware. Calling it twice on the same app is a no-op. Options are
-    validated now: a bad value raises ``ValueError`` naming the option.
+    Adds :class:`~fastprof.FastprofMiddleware` as the outermost user middleware,
+    with the components given here as its hooks. Calling it twice on the same
+    app is a no-op. Options are validated now: a bad value raises
+    ``ValueError`` naming the option.
 
-    ``dependencies`` selects per-dependency spans on FastAPI apps (see
-    ``docs/dependencies.md``): ``"all"`` (every ``Depends``/``Security``),
-    ``"marked"`` (only those declared with :func:`fastprof.Depends` /
-    :func:`fastprof.Security`) or ``"off"``; ``max_dependency_spans`` caps them
-    per request (0-10000).
+    Args:
+        app: The Starlette or FastAPI application.
+        dependencies: Per-dependency spans on FastAPI apps (see
+            ``docs/dependencies.md``): ``True`` (the default) for
+            :class:`~fastprof.DependencySpans` with its defaults, an instance for
+            other options (``mode="marked"``, ``max_spans``), ``False`` for none.
+        profiling: On-demand profiles (:class:`~fastprof.Profiling`).
+        loop_monitor: Event-loop health (:class:`~fastprof.LoopMonitor`).
+        slow_requests: One log line per slow request (:class:`~fastprof.SlowRequestLog`).
+        **options: The middleware's options (:class:`~fastprof.FastprofMiddleware`):
+            ``tracer_provider``, ``exclude``, ``request_id_header``,
+            ``response_request_id_header``, ``query``, ``redact_query_keys``,
+            ``max_attribute_length`` and ``hooks`` (your own
+            :class:`~fastprof.RequestHooks`).
     """
-    if dependencies not in ("all", "marked", "off"):
-        raise ValueError(f"dependencies: expected 'all', 'marked' or 'off', got {dependencies!r}")
-    check_int("max_dependency_spans", max_dependency_spans, 0, 10_000)
     if not isinstance(app, Starlette):
         raise ValueError(
             "instrument() takes a Starlette or FastAPI application; for any other ASGI app "
             "wrap it instead: app = fastprof.FastprofMiddleware(app)"
         )
-    if getattr(app, _MARKER, False):
-        return app
+    if not isinstance(dependencies, (bool, DependencySpans)):
+        raise ValueError(
+            "dependencies: expected True, False or a fastprof.DependencySpans, "
+            f"got {dependencies!r}"
+        )
     if profiling is not None and not isinstance(profiling, Profiling):
         raise ValueError(f"profiling: expected a fastprof.Profiling, got {profiling!r}")
     if loop_monitor is not None and not isinstance(loop_monitor, LoopMonitor):
@@ -99,43 +101,35 @@ def instrument(
         raise ValueError(
             f"slow_requests: expected a fastprof.SlowRequestLog, got {slow_requests!r}"
         )
-    from fastprof._dependencies import DependencySpans
-
-    user_hooks = tuple(hooks)
+    if getattr(app, _MARKER, False):
+        return app
+    user_hooks: tuple[RequestHooks, ...] = tuple(options.get("hooks", ()))
+    tracer_provider = options.get("tracer_provider")
     dependency_spans: DependencySpans | None = None
     if (
-        dependencies != "off"
+        dependencies is not False
         and _is_fastapi(app)
         and not any(isinstance(h, DependencySpans) for h in user_hooks)
     ):
-        dependency_spans = DependencySpans(
-            tracer_provider=tracer_provider,
-            max_spans=max_dependency_spans,
-            mode=dependencies,
+        chosen = dependencies if isinstance(dependencies, DependencySpans) else DependencySpans()
+        dependency_spans = chosen._configured(
+            tracer_provider,
             # The slow-request log explains unsampled requests too.
             timings_when_unsampled=slow_requests is not None,
             profiled_requests=profiling is not None and profiling.enabled,
         )
-    # Order matters. At request start, profiling decides first (before your hooks
-    # too), so dependency spans, yours included, know whether an unsampled request
-    # is profiled. At request end, dependency timings, the profile id and the
-    # loop-blocked time are all set before the slow-request log reads them.
-    first_hooks = (profiling,) if profiling is not None else ()
-    extra_hooks = tuple(h for h in (dependency_spans, loop_monitor, slow_requests) if h is not None)
-    options = {
-        "tracer_provider": tracer_provider,
-        "exclude": exclude,
-        "request_id_header": request_id_header,
-        "response_request_id_header": response_request_id_header,
-        "query": query,
+    # The middleware runs them in their declared order (RequestHooks.order).
+    components = (profiling, dependency_spans, loop_monitor, slow_requests)
+    options["hooks"] = user_hooks + tuple(h for h in components if h is not None)
+    if profiling is not None:
         # A profiling token in the query string is a credential.
-        "redact_query_keys": (profiling.query_param,) if profiling is not None else (),
-        "max_attribute_length": max_attribute_length,
-        "hooks": first_hooks + user_hooks + extra_hooks,
-    }
+        options["redact_query_keys"] = (
+            *options.get("redact_query_keys", ()),
+            profiling.query_param,
+        )
     # Validate now, at start-up, rather than when Starlette builds the stack.
-    FastprofMiddleware(app, **options)  # type: ignore[arg-type]
-    app.add_middleware(FastprofMiddleware, **options)  # type: ignore[arg-type]
+    FastprofMiddleware(app, **options)
+    app.add_middleware(FastprofMiddleware, **options)
     if loop_monitor is not None:
         # Start the monitor at lifespan startup (else the first request starts it),
         # without an extra middleware layer on every request.

@@ -6,10 +6,11 @@ from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import Any, Final
 
+from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Tracer, TracerProvider
+from opentelemetry.trace import SpanKind, Tracer, TracerProvider
+from starlette.types import Scope
 
 from fastprof.__about__ import __version__
 
@@ -21,7 +22,10 @@ __all__ = [
     "detach_context",
     "error_type",
     "fastprof_tracer",
+    "foreign_server_span",
     "hex_ids",
+    "is_sdk_span",
+    "with_ambient",
 ]
 
 #: Instrumentation scope of every span fastprof creates.
@@ -110,3 +114,54 @@ def context_with_span(span: trace.Span, parent: Context) -> Context:
     if not parent and _SPAN_KEY is not None:
         return Context({_SPAN_KEY: span})
     return trace.set_span_in_context(span, parent)
+
+
+# -- who owns the request's SERVER span ---------------------------------------------------
+
+
+def with_ambient(extracted: Context, ambient: Context) -> Context:
+    """The ambient context with what was extracted from the headers added."""
+    if not extracted:
+        return ambient
+    if not ambient:
+        return extracted
+    merged = Context({**ambient, **extracted})
+    outer = baggage.get_all(ambient)
+    if outer:
+        # Header entries are added to (not replacing) the ambient baggage, as
+        # propagate.extract() onto the current context would do.
+        for name, value in {**outer, **baggage.get_all(extracted)}.items():
+            merged = baggage.set_baggage(name, value, merged)
+    return merged
+
+
+def foreign_server_span(scope: Scope, ambient: Context) -> trace.Span | None:
+    """The SERVER span another layer opened for this request, if any.
+
+    FastAPI's native telemetry publishes its request in ``scope["fastapi.telemetry"]``;
+    other instrumentations (OpenTelemetry contrib) make their SERVER span current.
+    A recording SERVER span created by fastprof itself in the ambient context can
+    only be a leak from another request, so it is ignored.
+    """
+    native = scope.get("fastapi.telemetry")
+    native_span = getattr(native, "span", None)
+    if native_span is not None:
+        return native_span  # type: ignore[no-any-return]
+    if not ambient:
+        return None  # the usual case: the server starts each request in an empty context
+    current = trace.get_current_span(ambient)
+    if current.is_recording():
+        if getattr(current, "kind", None) == SpanKind.SERVER:
+            scope_info = getattr(current, "instrumentation_scope", None)
+            if getattr(scope_info, "name", None) != TRACER_NAME:
+                return current
+        return None
+    span_context = current.get_span_context()
+    if span_context.is_valid and not span_context.is_remote and not is_sdk_span(current):
+        # An unsampled span opened by an outer layer in this request.
+        return current
+    return None
+
+
+def is_sdk_span(span: trace.Span) -> bool:
+    return hasattr(span, "end_time")

@@ -2,23 +2,27 @@
 
 They take exactly the parameters of the installed FastAPI's ``Depends`` and
 ``Security`` (``use_cache``, ``scope``, ``scopes``, ... whatever that version
-has) and return FastAPI's own object, so FastAPI sees no difference. The
-dependency callable is additionally marked: with
-``fastprof.instrument(app, dependencies="marked")`` only marked dependencies
-(and their teardowns) get spans. Without ``instrument()``, or with
-``dependencies="all"``, they behave exactly like FastAPI's.
+has) and return FastAPI's own object, so FastAPI sees no difference; type
+checkers see FastAPI's own signatures. The dependency callable is additionally
+marked: with ``fastprof.instrument(app, dependencies=DependencySpans(mode="marked"))``
+only marked dependencies (and their teardowns) get spans. Without
+``instrument()``, or in the default mode, they behave exactly like FastAPI's.
 
 The mark belongs to the callable: a callable passed to ``fastprof.Depends``
 once is timed wherever it is used. ``fastprof.Depends()`` without an argument
 (dependency taken from the type annotation) cannot be marked; pass the class.
+
+Importing this module never imports FastAPI's attributes eagerly, so fastprof
+can be imported at any moment, even from an import hook that fires while FastAPI
+itself is being imported; FastAPI is looked up at the first call then.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastprof._dependencies import mark
+from fastprof.dependencies._wrappers import mark
 
 __all__ = ["Depends", "Security"]
 
@@ -42,11 +46,17 @@ def _marking(name: str) -> Any:
     factory.__module__ = __name__
     try:
         original = _fastapi(name)
-    except ImportError:
+    except (ImportError, AttributeError):
+        # No FastAPI, or FastAPI still being imported (an import hook): it is
+        # looked up when the factory is first called.
         return factory
     # Same signature and docs as the installed FastAPI's (inspect, IDEs).
     return functools.wraps(original)(factory)
 
 
-Depends: Any = _marking("Depends")
-Security: Any = _marking("Security")
+if TYPE_CHECKING:
+    from fastapi import Depends as Depends
+    from fastapi import Security as Security
+else:
+    Depends = _marking("Depends")
+    Security = _marking("Security")

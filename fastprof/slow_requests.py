@@ -20,7 +20,7 @@ A request that took ``threshold_s`` or longer produces one structlog event
     total time sync work of this request waited for a worker thread;
 ``loop_blocked_s``
     time the event loop was blocked by this request (needs a
-    :class:`~fastprof.LoopMonitor`, listed *before* this hook);
+    :class:`~fastprof.LoopMonitor`, whose hooks run before this one's);
 ``profile_id``
     the id of the profile taken for this request, if any.
 
@@ -37,7 +37,7 @@ import structlog
 from fastprof._context import RequestState, Timing
 from fastprof._options import check_int, check_seconds
 from fastprof._otel import hex_ids
-from fastprof.middleware import RequestHooks
+from fastprof.hooks import RequestHooks
 
 __all__ = ["SlowRequestLog"]
 
@@ -56,12 +56,17 @@ def _r(seconds: float) -> float:
 class SlowRequestLog(RequestHooks):
     """Log one line for each request slower than ``threshold_s``.
 
+    Its hooks run last (:attr:`~fastprof.hooks.RequestHooks.order` 300), after
+    every other component has recorded what it knows of the request.
+
     Args:
         threshold_s: Requests taking at least this long are logged (default 1 s).
         top: How many of the slowest timings to list.
         level: structlog level of the line.
         event: The event (message) of the line.
     """
+
+    order = 300
 
     def __init__(
         self,

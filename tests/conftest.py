@@ -1,74 +1,28 @@
-"""Shared fixtures: an SDK tracer provider with an in-memory exporter."""
+"""Shared fixtures: the span sink (``fastprof.testing.SpanRecorder``), and checks every test gets.
+
+Tests are grouped by capability (``route_spans/``, ``dependencies/``, ``profiling/``,
+``loop/``, ``exporters/``, ``transparency/``); helpers shared across groups live in
+``tests/_*.py`` modules, fixtures of one group in its ``conftest.py``.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
 
 from fastprof import _internal_errors
+from fastprof.testing import SpanRecorder
 
-
-class _OpenSpans(SpanProcessor):
-    """Names of the spans started and not (yet) ended."""
-
-    def __init__(self) -> None:
-        self.names: dict[int, str] = {}
-
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        self.names[span.context.span_id] = span.name
-
-    def on_end(self, span: ReadableSpan) -> None:
-        assert span.context is not None
-        self.names.pop(span.context.span_id, None)
-
-
-class Spans:
-    """An in-memory span sink with a few helpers for assertions."""
-
-    def __init__(self) -> None:
-        self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider()
-        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-        self._open = _OpenSpans()
-        self.provider.add_span_processor(self._open)
-
-    def open(self) -> list[str]:
-        """Names of the spans started through ``provider`` and never ended."""
-        return sorted(self._open.names.values())
-
-    def all(self) -> list[ReadableSpan]:
-        return list(self.exporter.get_finished_spans())
-
-    def server(self) -> list[ReadableSpan]:
-        return [s for s in self.all() if s.kind == SpanKind.SERVER]
-
-    def named(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.all() if s.name == name]
-
-    def children_of(self, span: ReadableSpan) -> list[ReadableSpan]:
-        assert span.context is not None
-        return [
-            s
-            for s in self.all()
-            if s.parent is not None and s.parent.span_id == span.context.span_id
-        ]
-
-    def clear(self) -> None:
-        self.exporter.clear()
+Spans = SpanRecorder  # the name the tests use
 
 
 @pytest.fixture
 def spans() -> Iterator[Spans]:
-    sink = Spans()
+    sink = SpanRecorder()
     yield sink
-    sink.provider.shutdown()
+    sink.shutdown()
 
 
 class _EndedTwice(logging.Handler):

@@ -11,29 +11,31 @@ from typing import TextIO
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from fastprof import attributes as names
+
 __all__ = ["SpanTreePrinter", "format_trace"]
 
 _SHOWN_ATTRIBUTES = (
     "http.route",
     "http.response.status_code",
     "code.function.name",
-    "fastprof.dependency.kind",
-    "fastprof.dependency.cache_hit",
-    "fastprof.threadpool.wait_s",
-    "fastprof.request_id",
-    "fastprof.profile.id",
+    names.DEPENDENCY_KIND,
+    names.CACHE_HIT,
+    names.THREADPOOL_WAIT_S,
+    names.REQUEST_ID,
+    names.PROFILE_ID,
     "error.type",
 )
 
 _SHOWN_EVENT_ATTRIBUTES = (
-    "fastprof.loop.blocked_s",
+    names.LOOP_BLOCKED_S,
     "code.file.path",
     "code.line.number",
     "code.function.name",
-    "fastprof.operation",
-    "fastprof.profile.top.function",
-    "fastprof.profile.top.location",
-    "fastprof.profile.top.seconds",
+    names.OPERATION,
+    names.PROFILE_TOP_FUNCTION,
+    names.PROFILE_TOP_LOCATION,
+    names.PROFILE_TOP_SECONDS,
 )
 
 

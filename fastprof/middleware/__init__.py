@@ -1,5 +1,85 @@
-"""fastprof's pure-ASGI middleware."""
+"""``FastprofMiddleware``: the pure-ASGI middleware that owns (or enriches) the SERVER span.
 
-from fastprof.middleware._server_span import ExcludeOption, FastprofMiddleware, RequestHooks
+The middleware itself is stateless per request: its options are validated once
+into frozen :class:`~fastprof.middleware._settings.Settings`, and each request
+is one object from :func:`~fastprof.middleware._request.start_request`.
+"""
 
-__all__ = ["ExcludeOption", "FastprofMiddleware", "RequestHooks"]
+from __future__ import annotations
+
+from typing import Unpack
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fastprof import _internal_errors
+from fastprof._context import SCOPE_KEY
+from fastprof.hooks import RequestHooks
+from fastprof.middleware._request import LeanRequest, start_request
+from fastprof.middleware._settings import ExcludeOption, MiddlewareOptions, Settings
+
+__all__ = ["ExcludeOption", "FastprofMiddleware", "MiddlewareOptions", "RequestHooks"]
+
+
+class FastprofMiddleware:
+    """Trace every HTTP request with one OpenTelemetry SERVER span.
+
+    Usage::
+
+        app.add_middleware(FastprofMiddleware)            # Starlette / FastAPI
+        app = FastprofMiddleware(app, tracer_provider=tp)  # any ASGI app
+
+    When another layer already owns the request's SERVER span (FastAPI's native
+    telemetry, OpenTelemetry's contrib ASGI/FastAPI instrumentation), fastprof
+    enriches that span instead of creating a second one.
+
+    Lifespan and websocket scopes pass through untouched.
+
+    Args:
+        app: The ASGI application to wrap.
+        tracer_provider: Provider for fastprof's spans; defaults to the global one.
+        exclude: Paths not to trace: a list of exact paths, a regular expression
+            searched in the path, or a callable receiving the ASGI scope.
+        request_id_header: Incoming header holding a request id to reuse (validated:
+            1-128 characters of ``[A-Za-z0-9._:-]``); ``None`` always generates one.
+        response_request_id_header: If set, the request id is returned in this
+            response header. Off by default: fastprof changes no response.
+        query: How ``url.query`` is recorded: ``"redact_sensitive"`` (values of
+            credential-like keys become ``REDACTED``), ``"redact_all"`` or ``"omit"``.
+        redact_query_keys: More query parameter names whose values are redacted
+            under ``"redact_sensitive"`` (case-insensitive).
+        max_attribute_length: Longest string fastprof records in an attribute.
+        hooks: Extra per-request components (see :class:`RequestHooks`).
+    """
+
+    def __init__(self, app: ASGIApp, **options: Unpack[MiddlewareOptions]) -> None:
+        self.app = app
+        self._settings = Settings.build(**options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or SCOPE_KEY in scope:
+            await self.app(scope, receive, send)
+            return
+        settings = self._settings
+        if settings.exclude is not None:
+            try:
+                excluded = settings.exclude(scope)
+            except Exception as exc:
+                _internal_errors.report("exclude", exc)
+                excluded = False
+            if excluded:
+                await self.app(scope, receive, send)
+                return
+        try:
+            request = start_request(settings, scope)
+        except Exception as exc:
+            _internal_errors.report("request_start", exc)
+            await self.app(scope, receive, send)
+            return
+        if type(request) is LeanRequest:
+            # An unsampled request no hook needs: only the span's context is current.
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                request.leave(scope)
+            return
+        await request.run(self.app, scope, receive, send)  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl
 
 from starlette.types import Message, Scope
@@ -23,7 +23,23 @@ from fastprof import _internal_errors
 from fastprof._context import RequestState
 from fastprof._http import find_header
 from fastprof._options import check_header_name, check_int, check_rate, check_seconds
-from fastprof.middleware import RequestHooks
+from fastprof.attributes import (
+    PROFILE_DATA,
+    PROFILE_DATA_DROPPED,
+    PROFILE_EVENT,
+    PROFILE_ID,
+    PROFILE_SAMPLES,
+    PROFILE_SKIPPED,
+    PROFILE_TOP_FUNCTION,
+    PROFILE_TOP_LOCATION,
+    PROFILE_TOP_SECONDS,
+    PROFILE_TRIGGER,
+    PROFILE_TRUNCATED,
+    PROFILE_URL,
+    PROFILE_WORKER_CALLS,
+    PROFILE_WORKER_CALLS_INCOMPLETE,
+)
+from fastprof.hooks import RequestHooks
 from fastprof.profiling import _documents
 from fastprof.profiling._budget import Budget
 from fastprof.profiling._capture import ProfileCapture, hot_frames
@@ -35,7 +51,8 @@ __all__ = ["Profiling"]
 
 logger = logging.getLogger("fastprof.profiling")
 
-_EXTRA_KEY: Final = "fastprof.profile"
+T = TypeVar("T")
+
 _QUERY_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 MAX_DURATION_CAP_S: Final = 300.0
 
@@ -103,6 +120,8 @@ class Profiling(RequestHooks):
         rng: Random number source in [0, 1) for sampling (tests inject one).
         clock: Wall clock for token expiry (tests inject one).
     """
+
+    order = -100  # decides first: the other components read state.profile_id
 
     def __init__(
         self,
@@ -285,7 +304,7 @@ class Profiling(RequestHooks):
         if reason is not None:
             self._count(f"skipped.{reason}")
             if state.span.is_recording():
-                state.span.set_attribute("fastprof.profile.skipped", reason)
+                state.span.set_attribute(PROFILE_SKIPPED, reason)
             return
         capture = ProfileCapture(
             self._ids.new(), trigger=trigger, interval_s=self.interval_s, on_done=self._done
@@ -298,36 +317,42 @@ class Profiling(RequestHooks):
             _internal_errors.report("profile.start", exc)
             return
         self._count("started")
-        extra = state.extra
-        if extra is None:
-            extra = state.extra = {}
-        extra[_EXTRA_KEY] = capture
+        state._profile = capture
         state.profile_id = capture.profile_id
-        state.worker_hook = capture.worker_hook
-        state.stop_profile = capture.stop
 
     def _done(self, capture: ProfileCapture) -> None:
         self._budget.release()
 
+    def run_in_worker(self, state: RequestState, call: Callable[[], T]) -> T:
+        capture: ProfileCapture | None = state._profile
+        if capture is None:
+            return call()
+        return capture.worker_hook(call)  # type: ignore[no-any-return]
+
     def on_response_start(self, state: RequestState, message: Message) -> None:
-        if self._response_header is None or state.extra is None:
+        if self._response_header is None:
             return
-        capture = state.extra.get(_EXTRA_KEY)
+        capture: ProfileCapture | None = state._profile
         if capture is None or capture.trigger == "sampling":
             return
         headers = list(message.get("headers", []))
         headers.append((self._response_header, capture.profile_id.encode("ascii")))
         message["headers"] = headers
 
+    def on_response_complete(self, state: RequestState) -> None:
+        capture: ProfileCapture | None = state._profile
+        if capture is not None:
+            try:
+                capture.stop()  # the profile ends with the response, before fastprof's own work
+            except Exception as exc:
+                _internal_errors.report("profile.stop", exc)
+
     def on_request_end(self, state: RequestState) -> None:
-        if state.extra is None:
-            return
-        capture: ProfileCapture | None = state.extra.pop(_EXTRA_KEY, None)
+        capture: ProfileCapture | None = state._profile
         if capture is None:
             return
-        state.worker_hook = None
-        state.stop_profile = None
-        session = capture.stop()  # normally stopped already, by ``state.stop_profile``
+        state._profile = None
+        session = capture.stop()  # normally stopped already, by on_response_complete
         if session is None:
             return
         span = state.span
@@ -348,38 +373,38 @@ class Profiling(RequestHooks):
             document = _documents.encode(session, meta.to_dict(), always_compress=True)
             encoded = base64.b64encode(document)
             if len(encoded) <= self._embed_max_bytes:
-                attrs["fastprof.profile.data"] = encoded.decode("ascii")
+                attrs[PROFILE_DATA] = encoded.decode("ascii")
             else:
-                attrs["fastprof.profile.data_dropped"] = "too_large"
+                attrs[PROFILE_DATA_DROPPED] = "too_large"
         if self._keep(meta, session, document):
-            attrs["fastprof.profile.id"] = capture.profile_id
+            attrs[PROFILE_ID] = capture.profile_id
             if self.base_url is not None:
-                attrs["fastprof.profile.url"] = f"{self.base_url}/{capture.profile_id}"
+                attrs[PROFILE_URL] = f"{self.base_url}/{capture.profile_id}"
         else:
             self._count("skipped.writer_queue_full")
-            attrs["fastprof.profile.skipped"] = "writer_queue_full"
+            attrs[PROFILE_SKIPPED] = "writer_queue_full"
         if not recording:
             return
-        attrs["fastprof.profile.trigger"] = capture.trigger
-        attrs["fastprof.profile.samples"] = session.sample_count
+        attrs[PROFILE_TRIGGER] = capture.trigger
+        attrs[PROFILE_SAMPLES] = session.sample_count
         if capture.worker_calls:
-            attrs["fastprof.profile.worker_calls"] = capture.worker_calls
+            attrs[PROFILE_WORKER_CALLS] = capture.worker_calls
         if capture.worker_calls_incomplete:
-            attrs["fastprof.profile.worker_calls_incomplete"] = capture.worker_calls_incomplete
+            attrs[PROFILE_WORKER_CALLS_INCOMPLETE] = capture.worker_calls_incomplete
         if capture.truncated:
-            attrs["fastprof.profile.truncated"] = True
+            attrs[PROFILE_TRUNCATED] = True
         span.set_attributes(attrs)
         if self._top_frames and session.frame_records:
             # A profile without samples has no hot frames: no event (the span's
             # ``fastprof.profile.samples`` already says 0).
             top = hot_frames(session, self._top_frames)
             span.add_event(
-                "fastprof.profile",
+                PROFILE_EVENT,
                 {
-                    "fastprof.profile.id": capture.profile_id,
-                    "fastprof.profile.top.function": [f for f, _, _ in top],
-                    "fastprof.profile.top.location": [loc for _, loc, _ in top],
-                    "fastprof.profile.top.seconds": [s for _, _, s in top],
+                    PROFILE_ID: capture.profile_id,
+                    PROFILE_TOP_FUNCTION: [f for f, _, _ in top],
+                    PROFILE_TOP_LOCATION: [loc for _, loc, _ in top],
+                    PROFILE_TOP_SECONDS: [s for _, _, s in top],
                 },
             )
 

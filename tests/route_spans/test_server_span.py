@@ -19,8 +19,8 @@ from starlette.routing import Host, Mount, Route
 
 import fastprof
 from fastprof import _internal_errors
+from fastprof.testing import SpanRecorder as Spans
 from tests._transparency import drive_http
-from tests.conftest import Spans
 
 pytestmark = pytest.mark.anyio
 
@@ -372,7 +372,7 @@ async def test_no_response_at_all_is_an_error(spans: Spans) -> None:
 async def test_internal_failure_is_contained_and_reported(
     spans: Spans, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fastprof.middleware._server_span as server_span
+    import fastprof.middleware._request as server_span
 
     def explode(*args: Any) -> None:
         raise RuntimeError("fastprof bug")

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import structlog
-from _loop_support import client
 from fastapi import Depends, FastAPI
 from structlog.testing import LogCapture
 
 import fastprof
 from fastprof.logging import RequestContextFilter, add_request_context
+from tests._client import client
 
 
 @pytest.fixture

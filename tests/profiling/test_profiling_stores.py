@@ -282,7 +282,7 @@ def test_memory_store_lazy_document_over_the_cap_is_served_once_then_dropped() -
 @pytest.mark.anyio
 async def test_memory_store_subclass_customising_put_gets_every_document_through_it(spans) -> None:
     """A subclass overriding put() receives every profile through it, short ones included."""
-    from tests._profiling_support import SECRET, client_for, make_app
+    from tests.profiling._profiling_support import SECRET, client_for, make_app
 
     puts: list[str] = []
 

@@ -1,4 +1,4 @@
-"""Fixtures for the event-loop health tests (``pytest_plugins = ["_loop_fixtures"]``)."""
+"""Fixtures for the event-loop health tests."""
 
 from __future__ import annotations
 

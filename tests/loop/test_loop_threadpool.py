@@ -8,14 +8,13 @@ from typing import Any
 
 import anyio.to_thread
 import pytest
-from _loop_support import BACKENDS, client
+from _loop_support import BACKENDS
 from fastapi import FastAPI
 from structlog.testing import capture_logs
 
 import fastprof
 from fastprof._context import Timing
-
-pytest_plugins = ["_loop_fixtures"]
+from tests._client import client
 
 
 @pytest.fixture(params=BACKENDS)

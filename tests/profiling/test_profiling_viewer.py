@@ -16,7 +16,7 @@ import fastprof
 from fastprof.__main__ import main
 from fastprof.profiling import MemoryStore, ProfileMeta, mint_token, viewer_app, viewer_token
 from fastprof.profiling._tokens import ReplayCache, TokenClaims, TokenVerifier, normalize_secrets
-from tests._profiling_support import SECRET, asgi_call, make_app
+from tests.profiling._profiling_support import SECRET, asgi_call, make_app
 
 HEADER = b"x-fastprof-profile"
 

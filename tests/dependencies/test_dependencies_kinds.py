@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import fastapi
-import httpx
 import pytest
 from fastapi import APIRouter, FastAPI, WebSocket
 from fastapi.security import OAuth2PasswordBearer
@@ -16,17 +15,12 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 import fastprof
 from fastprof import _internal_errors
+from tests._client import get as _get
 from tests._transparency import assert_transparent, drive_http, drive_websocket
 
 pytestmark = pytest.mark.anyio
 
 NATIVE = hasattr(fastapi, "telemetry") or "telemetry" in inspect.signature(FastAPI).parameters
-
-
-async def _get(app: FastAPI, path: str, **kwargs: Any) -> httpx.Response:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        return await client.get(path, **kwargs)
 
 
 def _id(span: ReadableSpan) -> int:
@@ -238,7 +232,11 @@ async def test_marked_mode_times_only_fastprof_depends(spans: Any) -> None:
     async def root(v: str = fastapi.Depends(inner)) -> str:
         return v
 
-    fastprof.instrument(app, tracer_provider=spans.provider, dependencies="marked")
+    fastprof.instrument(
+        app,
+        tracer_provider=spans.provider,
+        dependencies=fastprof.DependencySpans(mode="marked"),
+    )
     assert (await _get(app, "/")).json() == "dbp"
     names = sorted(s.name for s in spans.all() if s.name.startswith(("dependency", "teardown")))
     prefix = "test_marked_mode_times_only_fastprof_depends.<locals>."
@@ -266,22 +264,22 @@ async def test_fastprof_depends_without_instrument_is_fastapi_depends() -> None:
 def test_instrument_dependency_options_are_validated() -> None:
     with pytest.raises(ValueError, match="dependencies"):
         fastprof.instrument(FastAPI(), dependencies="some")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="max_dependency_spans"):
-        fastprof.instrument(FastAPI(), max_dependency_spans=-1)
+    with pytest.raises(ValueError, match="mode"):
+        fastprof.DependencySpans(mode="some")  # type: ignore[arg-type]
 
 
 async def test_unsampled_requests_get_no_dependency_work(spans: Any) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-    from fastprof import _dependencies
+    from fastprof.dependencies import _tracker
 
     app = FastAPI()
     trackers: list[object] = []
 
     @app.get("/")
     async def root(x: str = fastapi.Depends(left)) -> str:
-        trackers.append(_dependencies._active.get())
+        trackers.append(_tracker.active.get())
         return x
 
     fastprof.instrument(app, tracer_provider=TracerProvider(sampler=ALWAYS_OFF))

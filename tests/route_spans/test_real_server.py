@@ -14,8 +14,8 @@ from fastapi import FastAPI, Request
 from opentelemetry.trace import SpanKind
 
 import fastprof
+from fastprof.testing import SpanRecorder as Spans
 from tests._server import serve
-from tests.conftest import Spans
 
 pytestmark = pytest.mark.server
 
@@ -134,8 +134,8 @@ def test_concurrent_profiles_on_a_real_server_hold_only_their_own_frames(spans: 
     """Three profiled requests at once on uvicorn (async work on the loop, a sync dependency
     and a sync endpoint in the thread pool): each profile has its own hot function only."""
     from fastprof.profiling import _documents
-    from tests._profiling_support import SECRET, frames_of
-    from tests._profiling_support import make_app as make_profiled_app
+    from tests.profiling._profiling_support import SECRET, frames_of
+    from tests.profiling._profiling_support import make_app as make_profiled_app
 
     profiling = fastprof.Profiling(secret=SECRET, max_concurrent=3)
     app = make_profiled_app(profiling, spans)

@@ -17,8 +17,6 @@ from structlog.testing import capture_logs
 
 import fastprof
 
-pytest_plugins = ["_loop_fixtures"]
-
 
 @pytest.mark.server
 def test_uvloop_server_reports_startup_and_request_blocks(spans: Any, make_monitor: Any) -> None:

@@ -20,21 +20,17 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 
 import fastprof
-from fastprof import _dependencies, _internal_errors
+from fastprof import _internal_errors
 from fastprof._context import RequestState
+from fastprof.dependencies import _fastapi, _tracker
 from fastprof.middleware import RequestHooks
+from tests._client import get as _get
 
 pytestmark = pytest.mark.anyio
 
 
 def _instrument(app: FastAPI, spans: Any, **options: Any) -> FastAPI:
     return fastprof.instrument(app, tracer_provider=spans.provider, **options)
-
-
-async def _get(app: FastAPI, path: str, **kwargs: Any) -> httpx.Response:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        return await client.get(path, **kwargs)
 
 
 def _dep(spans: Any, name: str) -> ReadableSpan:
@@ -195,10 +191,14 @@ async def test_yield_dependencies_get_a_teardown_span(spans: Any) -> None:
 async def test_timings_are_recorded_with_threadpool_wait(spans: Any) -> None:
     """RequestState.timings gets one entry per run, sync ones with their queue wait."""
     seen: list[RequestState] = []
+    trackers: list[Any] = []
 
     class Grab(RequestHooks):
+        order = 150  # after DependencySpans: its tracker is there
+
         def on_request_end(self, state: RequestState) -> None:
             seen.append(state)
+            trackers.append(state._dependencies)
 
     app = _tree_app([])
     hooks = [fastprof.DependencySpans(tracer_provider=spans.provider), Grab()]
@@ -210,7 +210,7 @@ async def test_timings_are_recorded_with_threadpool_wait(spans: Any) -> None:
     assert ("sync_resource", "dependency") in kinds
     config = next(t for t in state.timings if t.name.endswith("read_config"))
     assert config.threadpool_wait_s > 0
-    assert state.dependency_spans == len(
+    assert trackers[0].spans == len(
         [s for s in spans.all() if s.name.startswith(("dependency ", "teardown "))]
     )
     assert _dep(spans, "_tree_app.<locals>.read_config").attributes[
@@ -437,7 +437,7 @@ async def test_span_count_is_capped_and_drops_are_counted(spans: Any) -> None:
     def root() -> str:
         return "ok"
 
-    _instrument(app, spans, max_dependency_spans=2)
+    _instrument(app, spans, dependencies=fastprof.DependencySpans(max_spans=2))
     assert (await _get(app, "/")).json() == "ok"
     (server,) = spans.server()
     assert len([s for s in spans.all() if s.name.startswith("dependency")]) == 2
@@ -476,16 +476,13 @@ async def test_spans_opened_inside_a_dependency_are_its_children(spans: Any) -> 
 
 
 async def test_worker_hook_wraps_sync_dependency_code(spans: Any) -> None:
-    """An active profile's worker_hook is used for sync code run in the threadpool."""
+    """A hook's run_in_worker is used for sync code run in the threadpool."""
     wrapped: list[str] = []
 
     class Profile(RequestHooks):
-        def on_request_start(self, state: RequestState, scope: Any) -> None:
-            def hook(fn: Any) -> Any:
-                wrapped.append(threading.current_thread().name)
-                return fn()
-
-            state.worker_hook = hook
+        def run_in_worker(self, state: RequestState, call: Any) -> Any:
+            wrapped.append(threading.current_thread().name)
+            return call()
 
     def sync_dep() -> Iterator[int]:
         yield 1
@@ -550,7 +547,8 @@ async def test_internal_failures_are_contained(spans: Any, monkeypatch: pytest.M
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("fastprof bug")
 
-    monkeypatch.setattr(_dependencies, "_phase_span", broken)
+    monkeypatch.setattr(_tracker, "start_span", broken)
+    monkeypatch.setattr(_fastapi, "start_span", broken)
     traced = await _get(_instrument(_tree_app([]), spans), "/items/5")
     assert (traced.status_code, traced.content) == (base.status_code, base.content)
     assert _internal_errors.counts()
@@ -560,7 +558,7 @@ async def test_internal_failures_are_contained(spans: Any, monkeypatch: pytest.M
 async def test_requests_without_the_hook_are_untouched(spans: Any) -> None:
     """The solver hook is process-wide, but only traced requests get dependency spans."""
     fastprof.DependencySpans(tracer_provider=spans.provider)  # installs the hook
-    app = fastprof.instrument(_tree_app([]), tracer_provider=spans.provider, dependencies="off")
+    app = fastprof.instrument(_tree_app([]), tracer_provider=spans.provider, dependencies=False)
     assert (await _get(app, "/items/2")).status_code == 200
     assert (await _get(_tree_app([]), "/items/2")).status_code == 200
     assert [s.name for s in spans.all()] == ["GET /items/{item_id}"]

@@ -6,9 +6,9 @@ Usage::
 
     fastprof.instrument(app, loop_monitor=fastprof.LoopMonitor(threshold_s=0.1))
 
-:class:`LoopMonitor` is a :class:`~fastprof.middleware.RequestHooks`: the
+:class:`LoopMonitor` is a :class:`~fastprof.hooks.RequestHooks`: the
 middleware tells it which asyncio task serves which request. It starts a
-:class:`~fastprof._watchdog.LoopWatchdog` (a heartbeat on the loop plus a
+:class:`~fastprof.loop._watchdog.LoopWatchdog` (a heartbeat on the loop plus a
 daemon thread) in the serving process, lazily: at lifespan startup when
 ``instrument()`` installed it, else at the first request. It never patches
 asyncio, so it behaves the same on asyncio and uvloop.
@@ -26,6 +26,12 @@ When the loop is blocked longer than ``threshold_s`` it reports, once per block:
 
 A block with no request task on the loop (startup, background tasks, plain
 callbacks) is reported with ``in_request=False`` and the task's name.
+
+The package: ``_watchdog`` (heartbeat and sampling thread) finds blocks,
+``_report`` analyses one into a :class:`~fastprof.loop._report.BlockReport`
+(a pure function), ``_emit`` sends it to the metric, the span event and the
+log, ``_threadpool`` polls anyio's thread limiter, and :class:`LoopMonitor`
+ties them to requests.
 """
 
 from __future__ import annotations
@@ -33,47 +39,31 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterable
 from typing import Any, Final
 
-import structlog
 from opentelemetry.metrics import MeterProvider
 from starlette.types import Scope
 
 from fastprof._context import RequestState, current_request
-from fastprof._frames import is_library
 from fastprof._options import check_int, check_seconds
-from fastprof._otel import hex_ids
-from fastprof._watchdog import Block, Frame, LoopWatchdog, Sample
-from fastprof.metrics import LoopMetrics, ThreadpoolSnapshot
-from fastprof.middleware import RequestHooks
+from fastprof.attributes import OPERATION_KIND
+from fastprof.hooks import RequestHooks
+from fastprof.loop._emit import (
+    MAX_EVENTS_PER_REQUEST,
+    RateLimit,
+    add_span_event,
+    log_block,
+    record_metrics,
+)
+from fastprof.loop._metrics import LoopMetrics
+from fastprof.loop._report import analyse, dominant_owner
+from fastprof.loop._threadpool import ThreadpoolWatch
+from fastprof.loop._watchdog import Block, LoopWatchdog
+from fastprof.metrics import ThreadpoolSnapshot
 
-__all__ = ["BLOCKED_EVENT", "LoopMonitor"]
+__all__ = ["LoopMonitor"]
 
-BLOCKED_EVENT: Final = "fastprof.loop.blocked"
-MAX_EVENTS_PER_REQUEST: Final = 16
 _MAX_REGISTERED: Final = 100_000
-_LIMITER_REFRESH_S: Final = 1.0
-_LOG_STACK_FRAMES: Final = 8
-
-logger = structlog.get_logger("fastprof.loop")
-
-
-def _blocking_frame(stack: tuple[Frame, ...]) -> Frame | None:
-    """The innermost application frame (not stdlib, site-packages or fastprof)."""
-    for frame in reversed(stack):
-        if not is_library(frame[0]):
-            return frame
-    return stack[-1] if stack else None
-
-
-def _format_stack(stack: tuple[Frame, ...], limit: int) -> str:
-    lines = [f'File "{path}", line {line}, in {func}' for path, line, func in stack]
-    text = "\n".join(lines)
-    if len(text) > limit:
-        text = "...\n" + text[-(limit - 4) :]
-    return text
 
 
 class _Entry:
@@ -85,39 +75,13 @@ class _Entry:
         self.state = state
         self.events = 0
 
-    def route(self) -> str | None:
-        return self.state.route
-
-
-def _span_ids(state: RequestState) -> tuple[str | None, str | None]:
-    return hex_ids(state.span.get_span_context()) or (None, None)
-
-
-class _RateLimit:
-    """Token bucket: ``burst`` reports, refilled at ``per_minute`` per minute."""
-
-    __slots__ = ("_burst", "_last", "_rate", "_tokens", "suppressed")
-
-    def __init__(self, per_minute: int) -> None:
-        self._burst = float(max(per_minute, 1))
-        self._rate = per_minute / 60.0
-        self._tokens = self._burst
-        self._last = time.monotonic()
-        self.suppressed = 0
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        self.suppressed += 1
-        return False
-
 
 class LoopMonitor(RequestHooks):
     """Detect event-loop blocking and attribute it; record loop lag and thread-pool use.
+
+    Its hooks run after dependency spans' and before the slow-request log's
+    (:attr:`~fastprof.hooks.RequestHooks.order` 200), so the log sees the
+    request's ``blocked_s``.
 
     Args:
         threshold_s: Report blocks of the loop longer than this (default 100 ms).
@@ -136,6 +100,8 @@ class LoopMonitor(RequestHooks):
         saturation_log_interval_s: At most one "thread pool saturated" warning per interval.
         meter_provider: Provider of the metrics; defaults to the global one.
     """
+
+    order = 200
 
     def __init__(
         self,
@@ -180,14 +146,12 @@ class LoopMonitor(RequestHooks):
         self._metrics = LoopMetrics(
             meter_provider, self.threadpool_snapshot if threadpool else None
         )
-        self._log_limit = _RateLimit(max_reports_per_minute) if max_reports_per_minute else None
+        self._log_limit = RateLimit(max_reports_per_minute) if max_reports_per_minute else None
         self._lock = threading.Lock()
         self._watchdog: LoopWatchdog | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[asyncio.Task[Any], _Entry] = {}
-        self._limiter: Any = None
-        self._limiter_checked = 0.0
-        self._last_saturation_log: float | None = None
+        self._threadpool_watch = ThreadpoolWatch(self.saturation_log_interval_s)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -210,7 +174,7 @@ class LoopMonitor(RequestHooks):
         with self._lock:
             watchdog, self._watchdog = self._watchdog, None
             self._loop = None
-            self._limiter = None
+            self._threadpool_watch.reset()
         if watchdog is not None:
             watchdog.stop()
         self._tasks.clear()
@@ -227,8 +191,7 @@ class LoopMonitor(RequestHooks):
                     return  # another live loop is monitored; one loop per monitor
                 watchdog.stop()
             self._tasks.clear()
-            self._limiter = None
-            self._limiter_checked = 0.0
+            self._threadpool_watch.reset()
             watchdog = LoopWatchdog(
                 threshold_s=self.threshold_s,
                 interval_s=self.interval_s,
@@ -242,7 +205,7 @@ class LoopMonitor(RequestHooks):
             self._watchdog = watchdog
             self._loop = loop
         if self._threadpool:
-            self._refresh_limiter()
+            self._threadpool_watch.refresh()
 
     # -- request hooks (loop thread) --------------------------------------------
 
@@ -252,15 +215,15 @@ class LoopMonitor(RequestHooks):
             self._ensure_started(loop)
         task = asyncio.current_task(loop)
         if task is not None:
-            if state.task is None:
-                state.task = task
+            if state._task is None:
+                state._task = task
             if len(self._tasks) < _MAX_REGISTERED:
                 self._tasks[task] = _Entry(state)
-        if self._threadpool and time.monotonic() - self._limiter_checked > _LIMITER_REFRESH_S:
-            self._refresh_limiter()
+        if self._threadpool:
+            self._threadpool_watch.maybe_refresh()
 
     def on_request_end(self, state: RequestState) -> None:
-        task = state.task
+        task = state._task
         entry = self._tasks.get(task) if task is not None else None
         if entry is not None and entry.state is state:
             watchdog = self._watchdog
@@ -268,7 +231,7 @@ class LoopMonitor(RequestHooks):
             if block is not None and not block.reported and block.samples:
                 # The request finishes inside the blocking callback: report now,
                 # while its span is still open, with the duration so far.
-                owner, _ = _dominant_owner(block.samples)
+                owner, _ = dominant_owner(block.samples)
                 if owner is entry:
                     block.reported = True
                     self._report(block, time.perf_counter() - block.due)
@@ -278,7 +241,7 @@ class LoopMonitor(RequestHooks):
             for timing in state.timings:
                 wait = timing.threadpool_wait_s
                 if wait > 0.0:
-                    record(wait, {"fastprof.operation.kind": timing.kind})
+                    record(wait, {OPERATION_KIND: timing.kind})
 
     # -- watchdog callbacks -------------------------------------------------------
 
@@ -293,8 +256,8 @@ class LoopMonitor(RequestHooks):
                 # together, and only while the request is in flight (a background
                 # task running after the response keeps the context, not the request).
                 state = get_context().get(current_request)
-                if state is not None and state.task is not None:
-                    owner = self._tasks.get(state.task)
+                if state is not None and state._task is not None:
+                    owner = self._tasks.get(state._task)
                     if owner is not None and owner.state is state:
                         entry = owner
         if entry is None:
@@ -307,97 +270,28 @@ class LoopMonitor(RequestHooks):
         if block is not None and not block.reported:
             block.reported = True
             self._report(block, lag)
-        if self._threadpool and self._limiter is not None:
-            self._check_saturation()
+        if self._threadpool:
+            self._threadpool_watch.check_saturation()
 
     def _report(self, block: Block, duration: float) -> None:
-        samples = block.samples
-        if not samples:  # resumed before the first sample: count it, nothing to attribute
-            bare = {"fastprof.loop.in_request": False}
-            self._metrics.blocks.add(1, bare)
-            self._metrics.blocked_duration.record(duration, bare)
+        report = analyse(block, duration)
+        if report is None:  # resumed before the first sample: count it, nothing to attribute
+            record_metrics(self._metrics, duration, False, None)
             return
-        owner, dominant = _dominant_owner(samples)
-        entry: _Entry | None = owner if isinstance(owner, _Entry) else None
-        locations = Counter(_blocking_frame(s.stack) for s in dominant)
-        location, _ = locations.most_common(1)[0]
-        stack = next(s.stack for s in reversed(dominant) if _blocking_frame(s.stack) == location)
-        operations = Counter(s.operation for s in dominant if s.operation is not None)
-        operation = operations.most_common(1)[0][0] if operations else None
-        task_name = dominant[-1].task_name
-        route = entry.route() if entry is not None else None
-
-        metric_attrs: dict[str, Any] = {"fastprof.loop.in_request": entry is not None}
-        if route is not None:
-            metric_attrs["http.route"] = route
-        self._metrics.blocks.add(1, metric_attrs)
-        self._metrics.blocked_duration.record(duration, metric_attrs)
-
-        stack_text = _format_stack(stack, self.max_stack_chars)
-        share = len(dominant) / len(samples)
-        trace_id = span_id = None
-        if entry is not None:
-            state = entry.state
+        entry: _Entry | None = report.owner if isinstance(report.owner, _Entry) else None
+        state = entry.state if entry is not None else None
+        route = state.route if state is not None else None
+        record_metrics(self._metrics, duration, entry is not None, route)
+        if entry is not None and state is not None:
             state.blocked_s += duration
-            trace_id, span_id = _span_ids(state)
-            span = state.span
-            if span.is_recording() and entry.events < MAX_EVENTS_PER_REQUEST:
+            if state.span.is_recording() and entry.events < MAX_EVENTS_PER_REQUEST:
                 entry.events += 1
-                attrs: dict[str, Any] = {
-                    "fastprof.loop.blocked_s": duration,
-                    "fastprof.loop.threshold_s": self.threshold_s,
-                    "fastprof.loop.samples": len(samples),
-                    "fastprof.loop.sample_share": share,
-                    "code.stacktrace": stack_text,
-                }
-                if location is not None:
-                    attrs["code.file.path"] = location[0]
-                    attrs["code.line.number"] = location[1]
-                    attrs["code.function.name"] = location[2]
-                if operation is not None:
-                    attrs["fastprof.operation"] = operation
-                start_ns = time.time_ns() - int((time.perf_counter() - block.due) * 1e9)
-                span.add_event(BLOCKED_EVENT, attrs, timestamp=max(start_ns, 0))
-
+                add_span_event(state, report, self.threshold_s, self.max_stack_chars)
         limit = self._log_limit
-        if limit is None or not limit.allow():
-            return
-        fields: dict[str, Any] = {
-            "blocked_s": round(duration, 4),
-            "threshold_s": self.threshold_s,
-            "in_request": entry is not None,
-            "task": task_name,
-            "samples": len(samples),
-            # The innermost frames; the span event carries the full bounded stack.
-            "stack": _format_stack(stack[-_LOG_STACK_FRAMES:], self.max_stack_chars),
-        }
-        if location is not None:
-            fields["location"] = f"{location[0]}:{location[1]}"
-            fields["function"] = location[2]
-        if operation is not None:
-            fields["operation"] = operation
-        if entry is not None:
-            fields["route"] = route
-            fields["method"] = entry.state.method
-            fields["request_id"] = entry.state.request_id
-            fields["trace_id"] = trace_id
-            fields["span_id"] = span_id
-        if limit.suppressed:
-            fields["suppressed"] = limit.suppressed
-            limit.suppressed = 0
-        logger.warning("event loop blocked", **fields)
+        if limit is not None and limit.allow():
+            log_block(report, state, route, self.threshold_s, self.max_stack_chars, limit)
 
     # -- thread pool -------------------------------------------------------------
-
-    def _refresh_limiter(self) -> None:
-        """Loop thread: cache anyio's default thread limiter of this loop."""
-        self._limiter_checked = time.monotonic()
-        try:
-            from anyio.to_thread import current_default_thread_limiter
-
-            self._limiter = current_default_thread_limiter()
-        except Exception:
-            self._limiter = None
 
     def threadpool_snapshot(self) -> ThreadpoolSnapshot | None:
         """``(tokens used, tokens total, tasks waiting)`` of anyio's default limiter.
@@ -405,37 +299,4 @@ class LoopMonitor(RequestHooks):
         Safe from any thread (the metric reader's): it reads a limiter object
         cached on the loop thread. ``None`` before the first request.
         """
-        limiter = self._limiter
-        if limiter is None:
-            return None
-        stats = limiter.statistics()
-        return stats.borrowed_tokens, int(stats.total_tokens), stats.tasks_waiting
-
-    def _check_saturation(self) -> None:
-        snapshot = self.threadpool_snapshot()
-        if snapshot is None:
-            return
-        used, total, waiting = snapshot
-        if used < total or waiting == 0:
-            return
-        now = time.monotonic()
-        last = self._last_saturation_log
-        if last is not None and now - last < self.saturation_log_interval_s:
-            return
-        self._last_saturation_log = now
-        logger.warning(
-            "thread pool saturated",
-            tokens_used=used,
-            tokens_limit=total,
-            waiting=waiting,
-            hint="sync dependencies/endpoints are queuing for a worker thread",
-        )
-
-
-def _dominant_owner(samples: Iterable[Sample]) -> tuple[Any, list[Sample]]:
-    """The owner (request entry or ``None``) seen in most samples, and its samples."""
-    by_owner: dict[int, list[Sample]] = {}
-    for sample in samples:
-        by_owner.setdefault(id(sample.owner), []).append(sample)
-    dominant = max(by_owner.values(), key=len)
-    return dominant[0].owner, dominant
+        return self._threadpool_watch.snapshot()

@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI
 from starlette.responses import PlainTextResponse, StreamingResponse
 
 import fastprof
+from fastprof.hooks import run_in_worker
 from fastprof.profiling import _documents
 
 SECRET = "s" * 16 + "-test-secret-0123456789abcdef"  # >= 32 bytes
@@ -67,8 +68,8 @@ def make_app(
         state = fastprof.current_request.get()
 
         def work() -> int:
-            if state is not None and state.worker_hook is not None:
-                return int(state.worker_hook(sync_hot_beta))
+            if state is not None:
+                return run_in_worker(state, sync_hot_beta)
             return sync_hot_beta()
 
         await anyio.to_thread.run_sync(work)

@@ -17,7 +17,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 import fastprof
-from tests.conftest import Spans
+from fastprof.testing import SpanRecorder as Spans
 
 pytestmark = pytest.mark.anyio
 

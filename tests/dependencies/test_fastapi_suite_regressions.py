@@ -14,20 +14,19 @@ from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 
 import fastprof
+from tests._client import get
 
 pytestmark = pytest.mark.anyio
 
 
 async def _get(app: Any, path: str, **kwargs: Any) -> httpx.Response:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        return await client.get(path, **kwargs)
+    return await get(app, path, raise_app_exceptions=True, **kwargs)
 
 
 @pytest.mark.parametrize("instrumented", [False, True])
 @pytest.mark.parametrize("dependencies", ["all", "marked"])
 async def test_override_installed_by_an_earlier_dependency_applies(
-    spans: Any, instrumented: bool, dependencies: str
+    spans: Any, instrumented: bool, dependencies: Any
 ) -> None:
     """tests/test_dependency_concurrency.py::test_override_installed_by_earlier_dependency_...
 
@@ -51,7 +50,11 @@ async def test_override_installed_by_an_earlier_dependency_applies(
         return value
 
     if instrumented:
-        fastprof.instrument(app, tracer_provider=spans.provider, dependencies=dependencies)
+        fastprof.instrument(
+            app,
+            tracer_provider=spans.provider,
+            dependencies=fastprof.DependencySpans(mode=dependencies),
+        )
     assert (await _get(app, "/")).json() == "replacement"
     names = {s.name for s in spans.all()}
     if instrumented and dependencies == "all":

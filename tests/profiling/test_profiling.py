@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
@@ -18,8 +19,9 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 import fastprof
 from fastprof import _internal_errors
+from fastprof.hooks import run_in_worker
 from fastprof.profiling import MemoryStore, _documents, mint_token
-from tests._profiling_support import (
+from tests.profiling._profiling_support import (
     OTHER_SECRET,
     SECRET,
     asgi_call,
@@ -404,9 +406,7 @@ class _TrackerProbe(fastprof.RequestHooks):
         self.tracked: list[bool] = []
 
     def on_request_end(self, state: fastprof.RequestState) -> None:
-        from fastprof import _dependencies
-
-        self.tracked.append(bool(state.extra) and _dependencies._EXTRA_KEY in state.extra)
+        self.tracked.append(state._dependencies is not None)
 
 
 @pytest.mark.parametrize("own_hook", [False, True], ids=["instrument", "user_supplied"])
@@ -435,21 +435,23 @@ async def test_unsampled_profiled_request_still_profiles_its_worker_threads(own_
 
 @pytest.mark.anyio
 async def test_worker_hook_is_transparent_for_results_and_errors(spans) -> None:
-    """The hook returns what fn returns and raises what fn raises."""
+    """Profiling's run_in_worker returns what fn returns and raises what fn raises."""
     profiling = fastprof.Profiling(secret=SECRET)
     app = make_app(profiling, spans)
     captured: dict[str, object] = {}
 
     async def probe_app(scope, receive, send):  # type: ignore[no-untyped-def]
         state = fastprof.current_request.get()
-        assert state is not None and state.worker_hook is not None
-        captured["value"] = await anyio.to_thread.run_sync(state.worker_hook, lambda: 41 + 1)
+        assert state is not None and state._worker_hooks == (profiling,)
+        assert state._profile is not None
+        run = functools.partial(run_in_worker, state)
+        captured["value"] = await anyio.to_thread.run_sync(run, lambda: 41 + 1)
 
         def boom() -> None:
             raise KeyError("x")
 
         with pytest.raises(KeyError):
-            await anyio.to_thread.run_sync(state.worker_hook, boom)
+            await anyio.to_thread.run_sync(run, boom)
         await app(scope, receive, send)
 
     wrapped = fastprof.FastprofMiddleware(

@@ -8,13 +8,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from _loop_support import BACKENDS, blocked_events, blocked_logs, client, line_of
+from _loop_support import BACKENDS, blocked_events, blocked_logs, line_of
 from fastapi import BackgroundTasks, Depends, FastAPI
 from structlog.testing import capture_logs
 
 import fastprof
-
-pytest_plugins = ["_loop_fixtures"]
+from tests._client import client
 
 
 @pytest.fixture(params=BACKENDS)

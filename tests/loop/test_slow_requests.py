@@ -7,14 +7,12 @@ import time
 from typing import Any
 
 import pytest
-from _loop_support import client
 from fastapi import FastAPI
 from structlog.testing import capture_logs
 
 import fastprof
 from fastprof._context import Timing
-
-pytest_plugins = ["_loop_fixtures"]
+from tests._client import client
 
 
 class FakeDependencyTimings(fastprof.RequestHooks):
@@ -51,7 +49,7 @@ async def test_slow_request_logs_one_line_with_the_breakdown(spans: Any, make_mo
         app,
         tracer_provider=spans.provider,
         hooks=[FakeDependencyTimings()],
-        dependencies="off",  # the stand-in provides every timing
+        dependencies=False,  # the stand-in provides every timing
         loop_monitor=make_monitor(threshold_s=0.1),
         slow_requests=fastprof.SlowRequestLog(threshold_s=0.15),
     )
@@ -101,7 +99,7 @@ async def test_fast_requests_and_missing_timings(spans: Any) -> None:
     fastprof.instrument(
         app,
         tracer_provider=spans.provider,
-        dependencies="off",
+        dependencies=False,
         slow_requests=fastprof.SlowRequestLog(threshold_s=0.1, level="info", top=2),
     )
     with capture_logs() as logs:

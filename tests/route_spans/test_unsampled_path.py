@@ -218,7 +218,7 @@ async def test_lean_unsampled_request_keeps_request_state() -> None:
 
     provider = TracerProvider(sampler=ALWAYS_OFF)
     app = Starlette(routes=[Route("/r/{x}", endpoint)])
-    fastprof.instrument(app, tracer_provider=provider, dependencies="off")
+    fastprof.instrument(app, tracer_provider=provider, dependencies=False)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         given = await client.get("/r/1", headers={"x-request-id": "abc-123"})

@@ -1,0 +1,146 @@
+"""``RequestHooks``: the per-request contract between the middleware and fastprof's components.
+
+:class:`~fastprof.FastprofMiddleware` calls the hooks of every traced request at
+fixed points of its life (the *phases*, in this order):
+
+1. :meth:`~RequestHooks.on_request_start`: in the request's task, before the app runs;
+2. :meth:`~RequestHooks.run_in_worker`: around each piece of sync code fastprof
+   runs in a worker thread for the request (sync dependencies, sync endpoints);
+3. :meth:`~RequestHooks.on_response_start`: before ``http.response.start`` leaves;
+4. :meth:`~RequestHooks.on_response_complete`: as the response's last message
+   is about to leave, before fastprof's own end-of-request work;
+5. :meth:`~RequestHooks.on_request_end`: once the response completed (or failed),
+   before the span ends;
+6. :meth:`~RequestHooks.on_app_exit`: when the application call returns or raises.
+
+Within a phase, hooks run in ascending :attr:`~RequestHooks.order` (stable for
+equal orders): fastprof's profiling decides first (-100), your hooks run at 0,
+then dependency spans (100), the loop monitor (200) and the slow-request log
+(300), which reads what all the others recorded. Only the hooks that override a
+phase are called for it, chosen once when the middleware is built.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, ClassVar, TypeVar
+
+from starlette.types import Message, Scope
+
+if TYPE_CHECKING:
+    from fastprof._context import RequestState
+
+__all__ = ["RequestHooks"]
+
+T = TypeVar("T")
+
+
+class RequestHooks:
+    """Extension points the middleware calls for each traced request.
+
+    Components (profiling, dependency spans, loop monitoring, slow-request log)
+    subclass this and override what they need. Every call is guarded: a hook
+    that raises is reported and skipped, never propagated into the request.
+    """
+
+    #: Where the hook runs within each phase (ascending). fastprof's components:
+    #: profiling -100, dependency spans 100, loop monitor 200, slow-request log 300.
+    order: ClassVar[int] = 0
+
+    #: Whether the hook is called for requests whose span is not recording
+    #: (unsampled). A hook that sets it to ``False`` (class or instance
+    #: attribute, read once when the middleware is built) is skipped for them,
+    #: and an unsampled request that no hook needs costs fastprof no more than
+    #: its span and context.
+    unsampled_requests: bool = True
+
+    #: ``False`` when the component has nothing to do (e.g. profiling with no
+    #: trigger configured, dependency spans without a supported FastAPI): the
+    #: middleware then never calls it. Read once when the middleware is built.
+    enabled: bool = True
+
+    def on_request_start(self, state: RequestState, scope: Scope) -> None:
+        """Called in the request's task before the application runs."""
+
+    def run_in_worker(self, state: RequestState, call: Callable[[], T]) -> T:
+        """Run ``call`` (sync code of this request, in a worker thread) and return its result.
+
+        Called in the worker thread for each sync dependency, teardown and
+        endpoint fastprof instruments. An override must call ``call()`` exactly
+        once and return (or raise) what it does; a profile uses it to sample the
+        worker thread. Hooks are nested in :attr:`order`: the first is outermost.
+        """
+        return call()
+
+    def on_response_start(self, state: RequestState, message: Message) -> None:
+        """Called before ``http.response.start`` is sent; may append headers."""
+
+    def on_response_complete(self, state: RequestState) -> None:
+        """Called once as the response's last message is about to be sent (or the app failed).
+
+        Before fastprof's own end-of-request work (route resolution, span
+        attributes, :meth:`on_request_end`), so that work is neither measured nor
+        slowed by what stops here (a profile's sampler).
+        """
+
+    def on_request_end(self, state: RequestState) -> None:
+        """Called once the response is complete (or failed), before the span ends.
+
+        Usually in the request's task; with Starlette's streaming responses on
+        ASGI spec < 2.4 the last body message is sent from a child task.
+        """
+
+    def on_app_exit(self, state: RequestState) -> None:
+        """Called in the request's task when the application call returns or raises.
+
+        This is after background tasks and, on FastAPI >= 0.118, after
+        yield-dependency teardown; a SERVER span fastprof owns has already ended.
+        """
+
+
+def ordered(hooks: Iterable[RequestHooks]) -> tuple[RequestHooks, ...]:
+    """``hooks`` validated and sorted by :attr:`RequestHooks.order` (stable)."""
+    hooks = tuple(hooks)
+    for hook in hooks:
+        if not isinstance(hook, RequestHooks):
+            raise ValueError(f"hooks: {hook!r} is not a fastprof RequestHooks")
+    return tuple(sorted(hooks, key=lambda h: h.order))
+
+
+class HookSet:
+    """Per-phase tuples of the hooks that implement it: nothing to call is free."""
+
+    __slots__ = ("complete", "empty", "end", "exit", "response", "start", "worker")
+
+    def __init__(self, hooks: tuple[RequestHooks, ...]) -> None:
+        self.start = _implementing(hooks, "on_request_start")
+        self.worker = _implementing(hooks, "run_in_worker")
+        self.response = _implementing(hooks, "on_response_start")
+        self.complete = _implementing(hooks, "on_response_complete")
+        self.end = _implementing(hooks, "on_request_end")
+        self.exit = _implementing(hooks, "on_app_exit")
+        self.empty = not (
+            self.start or self.worker or self.response or self.complete or self.end or self.exit
+        )
+
+
+def _implementing(hooks: tuple[RequestHooks, ...], method: str) -> tuple[RequestHooks, ...]:
+    base = getattr(RequestHooks, method)
+    return tuple(h for h in hooks if getattr(type(h), method, base) is not base)
+
+
+def run_in_worker(state: RequestState, call: Callable[[], T]) -> T:
+    """Run ``call`` for ``state``'s request through its hooks' :meth:`~RequestHooks.run_in_worker`.
+
+    The worker-thread seam: dependency instrumentation calls this in the worker
+    thread without knowing which component (if any) wants to see the call.
+    """
+    hooks = state._worker_hooks
+    if not hooks:
+        return call()
+    for hook in reversed(hooks[1:]):
+        call = functools.partial(hook.run_in_worker, state, call)
+    return hooks[0].run_in_worker(state, call)
+
+

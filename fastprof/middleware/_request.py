@@ -1,0 +1,383 @@
+"""One HTTP request through :class:`~fastprof.FastprofMiddleware`: its span, context and hooks.
+
+:func:`start_request` makes the one decision per request: which SERVER span
+(fastprof's own, dropped without the SDK, or another layer's), and which shape
+of request serves it:
+
+* :class:`LeanRequest`: an unsampled request that no hook needs; only its span's
+  context is current while the app runs, and it is undone at the end;
+* :class:`TracedRequest`: a recording span, or hooks to run; it wraps ``send``
+  (and ``receive`` for a recording span), runs the hooks and ends the span.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from contextvars import Token
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fastprof import _internal_errors
+from fastprof._context import SCOPE_KEY, RequestState, current_request
+from fastprof._http import (
+    SPAN_METHODS,
+    extract_context,
+    method_attributes,
+    request_attributes,
+    truncate,
+)
+from fastprof._otel import (
+    attach_context,
+    context_with_span,
+    current_context,
+    detach_context,
+    error_type,
+    foreign_server_span,
+    with_ambient,
+)
+from fastprof._routes import resolve_route
+from fastprof.attributes import CLIENT_DISCONNECTED, REQUEST_ID, TIME_TO_RESPONSE_START_S
+from fastprof.hooks import HookSet, RequestHooks
+from fastprof.middleware._settings import Settings
+
+__all__ = ["LeanRequest", "TracedRequest", "start_request"]
+
+
+def start_request(settings: Settings, scope: Scope) -> LeanRequest | TracedRequest:
+    """Start tracing a request in the cheapest shape that serves it."""
+    headers: list[tuple[bytes, bytes]] = scope.get("headers") or []
+    path = scope.get("path", "")
+    ambient = current_context()
+    parent: Context | None = None
+    fast = settings.lean_fast_path
+    if fast is not None and not ambient and "fastapi.telemetry" not in scope:
+        parent = extract_context(headers)
+        span = fast(parent)
+        if span is not None:
+            # Positional: a class call with keywords builds a dict.
+            state = RequestState(
+                span,
+                scope.get("method", "GET"),
+                path,
+                headers,
+                settings.request_id_header,
+                _route_resolver(scope, path),
+            )
+            scope[SCOPE_KEY] = state
+            return LeanRequest(
+                current_request.set(state), attach_context(context_with_span(span, parent))
+            )
+        # else: the fast path can't serve it; the span below reuses ``parent``.
+    method = scope.get("method", "GET")
+    # The usual case (no native telemetry, an empty context from the server)
+    # skips the search for another layer's SERVER span.
+    span = (
+        foreign_server_span(scope, ambient) if ambient or "fastapi.telemetry" in scope else None
+    )
+    ctx: Context | None
+    if span is None:
+        owned = True
+        span_method = SPAN_METHODS.get(method, "HTTP")
+        if parent is None:
+            parent = extract_context(headers)
+            drop = settings.drop_fast_path
+            span = drop(parent) if drop is not None else None
+        if span is None:
+            span = settings.tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
+            recording = span.is_recording()
+        else:
+            recording = False  # the fast path only makes dropped spans
+        # The span's parent is never ambient (a leak from another request), but the
+        # app keeps every other value of its context (baggage, FastAPI's telemetry data).
+        ctx = context_with_span(span, with_ambient(parent, ambient) if ambient else parent)
+    else:
+        owned = False
+        span_method = ""
+        recording = span.is_recording()
+        ctx = None
+    state = RequestState(
+        span, method, path, headers, settings.request_id_header, _route_resolver(scope, path)
+    )
+    if recording:
+        hooks = settings.sampled_hooks
+        # One batch: every set_attribute call on an SDK span takes its lock.
+        attrs = (
+            request_attributes(
+                scope,
+                headers,
+                method_attributes(method),
+                settings.max_attribute_length,
+                settings.query,
+                settings.sensitive_keys,
+            )
+            if owned
+            else {}
+        )
+        attrs[REQUEST_ID] = state.request_id
+        span.set_attributes(attrs)
+    else:
+        hooks = settings.unsampled_hooks
+    if hooks.worker:
+        state._worker_hooks = hooks.worker
+    scope[SCOPE_KEY] = state
+    state_token = current_request.set(state)
+    context_token = attach_context(ctx) if ctx is not None else None
+    if not recording and settings.lean_unsampled:
+        return LeanRequest(state_token, context_token)
+    return TracedRequest(
+        settings, state, hooks, owned, recording, span_method, state_token, context_token
+    )
+
+
+class LeanRequest:
+    """What a traced request undoes when it ends; all there is to an unsampled
+    request that no hook needs."""
+
+    __slots__ = ("_context_token", "_state_token")
+
+    def __init__(self, state_token: Token[Any], context_token: Token[Any] | None) -> None:
+        self._state_token = state_token
+        self._context_token = context_token
+
+    def leave(self, scope: Scope) -> None:
+        if self._context_token is not None:
+            try:
+                detach_context(self._context_token)
+            except Exception as exc:  # pragma: no cover - defensive
+                _internal_errors.report("context_detach", exc)
+        current_request.reset(self._state_token)
+        # Break the scope <-> state reference cycle, so the request's objects
+        # (FastAPI keeps exit stacks in the scope) are freed now, not by the GC.
+        scope.pop(SCOPE_KEY, None)
+
+
+class TracedRequest(LeanRequest):
+    """A request whose span records or whose hooks run: its whole span lifecycle."""
+
+    __slots__ = (
+        "_completed",
+        "_disconnected",
+        "_ended",
+        "_finished",
+        "_hooks",
+        "_owned",
+        "_recording",
+        "_response_started",
+        "_settings",
+        "_span_method",
+        "_trailers",
+        "_ttfb_s",
+        "state",
+    )
+
+    def __init__(
+        self,
+        settings: Settings,
+        state: RequestState,
+        hooks: HookSet,
+        owned: bool,
+        recording: bool,
+        span_method: str,
+        state_token: Token[Any],
+        context_token: Token[Any] | None,
+    ) -> None:
+        self._settings = settings
+        self.state = state
+        self._hooks = hooks
+        self._owned = owned
+        self._recording = recording
+        self._span_method = span_method
+        self._state_token = state_token
+        self._context_token = context_token
+        self._finished = False
+        self._ended = False
+        self._completed = False
+        self._trailers = False
+        self._disconnected = False
+        self._response_started = False
+        self._ttfb_s = -1.0
+
+    async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        hooks = self._hooks
+        for hook in hooks.start:
+            try:
+                hook.on_request_start(self.state, scope)
+            except Exception as exc:
+                _internal_errors.report("hook.on_request_start", exc)
+        if self._recording:
+            # Disconnects are only recorded on a recording span.
+            receive = self._receive_wrapper(receive)
+        try:
+            await app(scope, receive, self._send_wrapper(scope, send))
+        except BaseException as exc:
+            self._complete(scope, exc)
+            self._end_span()
+            raise
+        else:
+            if not self._finished:
+                self._complete(scope, None)
+            if not self._ended:
+                self._end_span()
+        finally:
+            for hook in hooks.exit:
+                try:
+                    hook.on_app_exit(self.state)
+                except Exception as exc:
+                    _internal_errors.report("hook.on_app_exit", exc)
+            self.leave(scope)
+
+    def _receive_wrapper(self, receive: Receive) -> Receive:
+        async def wrapped_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                # Only read when the span is annotated, at the response's last
+                # message: a disconnect after it (the usual end of a request) is
+                # never recorded; one before it means the client left.
+                self._disconnected = True
+            return message
+
+        return wrapped_receive
+
+    def _send_wrapper(self, scope: Scope, send: Send) -> Callable[[Message], Awaitable[None]]:
+        hooks = self._hooks.response
+        response_header = self._settings.response_request_id_header
+
+        async def wrapped_send(message: Message) -> None:
+            message_type = message["type"]
+            final = False
+            if message_type == "http.response.start":
+                try:
+                    self._on_response_start(message, hooks, response_header)
+                except Exception as exc:
+                    _internal_errors.report("response_start", exc)
+            elif message_type == "http.response.body":
+                final = not message.get("more_body", False) and not self._trailers
+            elif message_type == "http.response.trailers":
+                final = not message.get("more_trailers", False)
+            elif message_type == "http.response.pathsend":
+                final = True
+            if not final:
+                await send(message)
+                return
+            # Hooks see the span before the last message leaves: an outer layer
+            # (FastAPI native, contrib) ends its span as soon as it passes.
+            self._completed = True
+            self._complete(scope, None)
+            try:
+                await send(message)
+            finally:
+                self._end_span()
+
+        return wrapped_send
+
+    def _on_response_start(
+        self,
+        message: Message,
+        hooks: tuple[RequestHooks, ...],
+        response_header: bytes | None,
+    ) -> None:
+        state = self.state
+        self._response_started = True
+        self._trailers = bool(message.get("trailers", False))
+        state.status_code = message.get("status")
+        self._ttfb_s = state.elapsed_s()
+        if response_header is not None:
+            headers = list(message.get("headers", []))
+            headers.append((response_header, state.request_id.encode("latin-1")))
+            message["headers"] = headers
+        for hook in hooks:
+            try:
+                hook.on_response_start(state, message)
+            except Exception as exc:
+                _internal_errors.report("hook.on_response_start", exc)
+
+    def _complete(self, scope: Scope, error: BaseException | None) -> None:
+        """Resolve the route, annotate the span and run ``on_request_end`` hooks, once."""
+        if self._finished:
+            return
+        self._finished = True
+        state = self.state
+        for hook in self._hooks.complete:
+            try:
+                hook.on_response_complete(state)
+            except Exception as exc:
+                _internal_errors.report("hook.on_response_complete", exc)
+        try:
+            state.finalize_route()
+            if self._recording:
+                self._annotate(state.span, error)
+        except Exception as exc:
+            _internal_errors.report("request_end", exc)
+        for hook in self._hooks.end:
+            try:
+                hook.on_request_end(state)
+            except Exception as exc:
+                _internal_errors.report("hook.on_request_end", exc)
+
+    def _end_span(self) -> None:
+        """End the SERVER span if fastprof owns it, once."""
+        if self._owned and not self._ended:
+            self._ended = True
+            try:
+                self.state.span.end()
+            except Exception as exc:  # pragma: no cover - SDK failure
+                _internal_errors.report("span_end", exc)
+
+    def _annotate(self, span: trace.Span, error: BaseException | None) -> None:
+        state = self.state
+        limit = self._settings.max_attribute_length
+        attrs: dict[str, Any] = {}
+        if self._ttfb_s >= 0:
+            attrs[TIME_TO_RESPONSE_START_S] = self._ttfb_s
+        if self._disconnected:
+            attrs[CLIENT_DISCONNECTED] = True
+        if not self._owned:
+            span.set_attributes(attrs)
+            return
+        status = state.status_code
+        if error is not None and not self._response_started and isinstance(error, Exception):
+            # Starlette's ServerErrorMiddleware (outside us) turns it into a 500.
+            status = 500
+        if status is not None:
+            attrs["http.response.status_code"] = status
+        if state.route is not None:
+            route = truncate(state.route, limit)
+            attrs["http.route"] = route
+            span.update_name(f"{self._span_method} {route}")
+        failure: str | None = None
+        if error is not None:
+            failure = error_type(error)
+            if isinstance(error, Exception):
+                span.record_exception(error, escaped=True)
+        elif status is not None and status >= 500:
+            failure = str(status)
+        elif not self._completed and not self._disconnected:
+            failure = "incomplete_response"
+        if failure is not None:
+            attrs["error.type"] = failure
+            span.set_status(Status(StatusCode.ERROR))
+        span.set_attributes(attrs)
+
+
+def _route_resolver(scope: Scope, path: str) -> Callable[[], str | None]:
+    # Routing mutates the scope: resolve from what it was on the way in.
+    return functools.partial(
+        _resolve_route_safely, scope, scope.get("app"), scope.get("root_path", ""), path
+    )
+
+
+def _resolve_route_safely(
+    scope: Scope, entry_app: Any, entry_root_path: str, entry_path: str
+) -> str | None:
+    try:
+        return resolve_route(scope, entry_app, entry_root_path, entry_path)
+    except Exception as exc:
+        _internal_errors.report("request_end", exc)
+        return None
+
+
