@@ -16,9 +16,10 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastprof._http import find_header, valid_request_id
+from fastprof.hooks import run_in_worker
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from fastprof.hooks import RequestHooks
 
 __all__ = ["MAX_TIMINGS", "SCOPE_KEY", "RequestState", "Timing", "current_request"]
+
+T = TypeVar("T")
 
 SCOPE_KEY = "fastprof.request"
 _random_bits = random.getrandbits
@@ -166,6 +169,14 @@ class RequestState:
         else:
             self.timings_dropped += 1
         self.threadpool_wait_s += timing.threadpool_wait_s
+
+    def run_in_worker(self, call: Callable[[], T]) -> T:
+        """Run ``call`` (sync code of this request, in a worker thread) through the
+        hooks' :meth:`~fastprof.RequestHooks.run_in_worker`: an active profile samples it.
+
+        ``await anyio.to_thread.run_sync(state.run_in_worker, crunch)``
+        """
+        return run_in_worker(self, call)
 
     def elapsed_s(self) -> float:
         """Seconds since the request started."""

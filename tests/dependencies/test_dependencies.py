@@ -222,7 +222,7 @@ async def test_timings_are_recorded_with_threadpool_wait(spans: Any) -> None:
 
 
 async def test_cache_semantics_are_unchanged(spans: Any) -> None:
-    """use_cache=True runs once, use_cache=False runs each time (A-17)."""
+    """use_cache=True runs once, use_cache=False runs each time."""
     calls = {"cached": 0, "uncached": 0}
 
     def cached() -> int:
@@ -285,7 +285,7 @@ async def test_dependency_overrides_still_apply(spans: Any, order: str) -> None:
 
 
 async def test_openapi_schema_is_identical(spans: Any) -> None:
-    """Instrumenting changes nothing FastAPI derives from the routes (A-15)."""
+    """Instrumenting changes nothing FastAPI derives from the routes."""
 
     def build() -> FastAPI:
         app = _tree_app([])

@@ -98,7 +98,7 @@ async def test_ambient_context_values_reach_the_app(
     fastprof replaces only the current span: baggage and other values already in
     the OpenTelemetry context (an outer in-process request's, FastAPI's native
     telemetry data when native tracing is off) stay visible to the app. The span's
-    parent still never comes from the ambient context (FM-05).
+    parent still never comes from the ambient context.
     """
     seen: dict[str, Any] = {}
     app = FastAPI()

@@ -52,7 +52,7 @@ async def test_otlp_export_reaches_a_real_receiver() -> None:
 
 
 async def test_collector_black_hole_never_blocks_requests() -> None:
-    """FM-09: spans are queued, not exported on the request path."""
+    """Spans are queued, not exported on the request path."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)  # accepts connections, never answers

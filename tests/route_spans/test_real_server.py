@@ -111,7 +111,7 @@ def test_pipelined_requests_each_get_their_own_span(spans: Spans) -> None:
 
 
 def test_client_disconnect_is_seen_by_the_app_and_recorded(spans: Spans) -> None:
-    """A-08/B-09: request.is_disconnected() still fires through fastprof; the span ends once."""
+    """request.is_disconnected() still fires through fastprof; the span ends once."""
     events: list[str] = []
     app = make_app(spans, events)
     with serve(app) as base:

@@ -547,7 +547,7 @@ async def test_hooks_run_in_order_with_span_state(spans: Spans) -> None:
 
 @pytest.mark.parametrize("traceparent", [None, "garbage"])
 async def test_ambient_context_is_never_the_parent(spans: Spans, traceparent: str | None) -> None:
-    """FM-05: a span leaked into the ambient context (not a SERVER span) is ignored."""
+    """A span leaked into the ambient context (not a SERVER span) is ignored."""
     app = build_app(spans)
     tracer = spans.provider.get_tracer("leak")
     headers = [(b"traceparent", traceparent.encode())] if traceparent else []

@@ -1,4 +1,4 @@
-"""Requests leave nothing behind: no reference cycles, no growth (E-01, FM-10)."""
+"""Requests leave nothing behind: no reference cycles, no growth."""
 
 from __future__ import annotations
 
