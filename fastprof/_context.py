@@ -63,6 +63,8 @@ class RequestState:
     _id_headers: Any = None
     _id_header_name: bytes | None = None
     status_code: int | None = None
+    #: ``True`` for a websocket session (its state lives until the session ends).
+    websocket: bool = False
     #: Bounded by :data:`MAX_TIMINGS`; append with :meth:`add_timing`.
     timings: Sequence[Timing] = ()
     timings_dropped: int = 0

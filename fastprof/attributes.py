@@ -47,6 +47,10 @@ __all__ = [
     "SERIALIZATION_PHASE_SPAN",
     "THREADPOOL_WAIT_S",
     "TIME_TO_RESPONSE_START_S",
+    "WEBSOCKET_ACCEPTED",
+    "WEBSOCKET_CLOSE_CODE",
+    "WEBSOCKET_MESSAGES_RECEIVED",
+    "WEBSOCKET_MESSAGES_SENT",
 ]
 
 # -- the SERVER span -------------------------------------------------------------------------
@@ -58,6 +62,14 @@ TIME_TO_RESPONSE_START_S: Final = "fastprof.time_to_response_start_s"
 CLIENT_DISCONNECTED: Final = "fastprof.client_disconnected"
 #: Dependency spans left out of this request by ``DependencySpans(max_spans=...)``.
 DEPENDENCY_SPANS_DROPPED: Final = "fastprof.dependency_spans_dropped"
+
+# -- websocket sessions (on their SERVER span) ------------------------------------------------
+WEBSOCKET_MESSAGES_RECEIVED: Final = "fastprof.websocket.messages_received"
+WEBSOCKET_MESSAGES_SENT: Final = "fastprof.websocket.messages_sent"
+#: Whether the application accepted the handshake.
+WEBSOCKET_ACCEPTED: Final = "fastprof.websocket.accepted"
+#: The close code sent by the application or received from the client (1005: none given).
+WEBSOCKET_CLOSE_CODE: Final = "fastprof.websocket.close_code"
 
 # -- phase and dependency spans ----------------------------------------------------------------
 #: ``dependencies``, ``endpoint`` or ``serialization`` on fastprof's phase spans.

@@ -88,6 +88,8 @@ class SlowRequestLog(RequestHooks):
         self.event = event
 
     def on_request_end(self, state: RequestState) -> None:
+        if state.websocket:
+            return  # a session's length says nothing about slowness
         duration = state.elapsed_s()
         if duration < self.threshold_s:
             return

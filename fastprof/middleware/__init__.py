@@ -16,6 +16,7 @@ from fastprof._context import SCOPE_KEY
 from fastprof.hooks import RequestHooks
 from fastprof.middleware._request import LeanRequest, start_request
 from fastprof.middleware._settings import ExcludeOption, MiddlewareOptions, Settings
+from fastprof.middleware._websocket import start_session
 
 __all__ = ["ExcludeOption", "FastprofMiddleware", "MiddlewareOptions", "RequestHooks"]
 
@@ -32,7 +33,8 @@ class FastprofMiddleware:
     telemetry, OpenTelemetry's contrib ASGI/FastAPI instrumentation), fastprof
     enriches that span instead of creating a second one.
 
-    Lifespan and websocket scopes pass through untouched.
+    Each websocket session gets one SERVER span (``WEBSOCKET <route>``) with its
+    message counts and close code. Lifespan scopes pass through untouched.
 
     Args:
         app: The ASGI application to wrap.
@@ -56,8 +58,12 @@ class FastprofMiddleware:
         self._settings = Settings.build(**options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or SCOPE_KEY in scope:
-            await self.app(scope, receive, send)
+        scope_type = scope["type"]
+        if scope_type != "http" or SCOPE_KEY in scope:
+            if scope_type == "websocket" and SCOPE_KEY not in scope:
+                await self._websocket(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         settings = self._settings
         if settings.exclude is not None:
@@ -83,3 +89,21 @@ class FastprofMiddleware:
                 request.leave(scope)
             return
         await request.run(self.app, scope, receive, send)  # type: ignore[attr-defined]
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = self._settings
+        try:
+            excluded = settings.exclude is not None and settings.exclude(scope)
+            session = None if excluded else start_session(settings, scope)
+        except Exception as exc:
+            _internal_errors.report("request_start", exc)
+            session = None
+        if session is None:
+            await self.app(scope, receive, send)
+        elif type(session) is LeanRequest:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                session.leave(scope)
+        else:
+            await session.run(self.app, scope, receive, send)  # type: ignore[attr-defined]

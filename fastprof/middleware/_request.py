@@ -74,32 +74,10 @@ def start_request(settings: Settings, scope: Scope) -> LeanRequest | TracedReque
             )
         # else: the fast path can't serve it; the span below reuses ``parent``.
     method = scope.get("method", "GET")
-    # The usual case (no native telemetry, an empty context from the server)
-    # skips the search for another layer's SERVER span.
-    span = (
-        foreign_server_span(scope, ambient) if ambient or "fastapi.telemetry" in scope else None
+    span_method = SPAN_METHODS.get(method, "HTTP")
+    span, owned, recording, ctx = open_server_span(
+        settings, scope, headers, span_method, ambient, parent
     )
-    ctx: Context | None
-    if span is None:
-        owned = True
-        span_method = SPAN_METHODS.get(method, "HTTP")
-        if parent is None:
-            parent = extract_context(headers)
-            drop = settings.drop_fast_path
-            span = drop(parent) if drop is not None else None
-        if span is None:
-            span = settings.tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER)
-            recording = span.is_recording()
-        else:
-            recording = False  # the fast path only makes dropped spans
-        # The span's parent is never ambient (a leak from another request), but the
-        # app keeps every other value of its context (baggage, FastAPI's telemetry data).
-        ctx = context_with_span(span, with_ambient(parent, ambient) if ambient else parent)
-    else:
-        owned = False
-        span_method = ""
-        recording = span.is_recording()
-        ctx = None
     state = RequestState(
         span, method, path, headers, settings.request_id_header, _route_resolver(scope, path)
     )
@@ -132,6 +110,42 @@ def start_request(settings: Settings, scope: Scope) -> LeanRequest | TracedReque
     return TracedRequest(
         settings, state, hooks, owned, recording, span_method, state_token, context_token
     )
+
+
+def open_server_span(
+    settings: Settings,
+    scope: Scope,
+    headers: list[tuple[bytes, bytes]],
+    name: str,
+    ambient: Context,
+    parent: Context | None,
+) -> tuple[trace.Span, bool, bool, Context | None]:
+    """``(span, owned, recording, context to attach)`` of a request or websocket session.
+
+    The SERVER span another layer opened for it, else one of fastprof's own
+    (dropped without the SDK when the drop fast path can serve it). ``parent``:
+    the context already extracted from the headers, if the caller did.
+    """
+    # The usual case (no native telemetry, an empty context from the server)
+    # skips the search for another layer's SERVER span.
+    span = (
+        foreign_server_span(scope, ambient) if ambient or "fastapi.telemetry" in scope else None
+    )
+    if span is not None:
+        return span, False, span.is_recording(), None
+    if parent is None:
+        parent = extract_context(headers)
+        drop = settings.drop_fast_path
+        span = drop(parent) if drop is not None else None
+    if span is None:
+        span = settings.tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
+        recording = span.is_recording()
+    else:
+        recording = False  # the fast path only makes dropped spans
+    # The span's parent is never ambient (a leak from another request), but the
+    # app keeps every other value of its context (baggage, FastAPI's telemetry data).
+    ctx = context_with_span(span, with_ambient(parent, ambient) if ambient else parent)
+    return span, True, recording, ctx
 
 
 class LeanRequest:

@@ -143,6 +143,9 @@ class _Sampler:
             # leave nothing behind that would keep sampling.
             with contextlib.suppress(Exception):
                 _unsubscribe(target)
+            # A sample may have come in between: a profile that never started has none.
+            self.recording = False
+            self.frame_records.clear()
             raise
         self.running = True
 

@@ -1,0 +1,220 @@
+"""One websocket session through :class:`~fastprof.FastprofMiddleware`: one SERVER span.
+
+The span covers the whole session, from the handshake until the application
+returns, and is named ``WEBSOCKET <route>``. It records how many messages were
+received and sent (counts only: no span per message), whether the handshake was
+accepted, the close code and any error. The components' hooks run as for an HTTP
+request (``on_response_start`` excepted: a session has no HTTP response), so
+dependency spans, profiles and blocked-loop reports work for websocket routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextvars import Token
+from typing import Any, Final
+
+from opentelemetry.trace import Status, StatusCode
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fastprof import _internal_errors
+from fastprof._context import SCOPE_KEY, RequestState, current_request
+from fastprof._http import request_attributes, truncate
+from fastprof._otel import attach_context, current_context, error_type
+from fastprof.attributes import (
+    REQUEST_ID,
+    WEBSOCKET_ACCEPTED,
+    WEBSOCKET_CLOSE_CODE,
+    WEBSOCKET_MESSAGES_RECEIVED,
+    WEBSOCKET_MESSAGES_SENT,
+)
+from fastprof.hooks import HookSet
+from fastprof.middleware._request import LeanRequest, _route_resolver, open_server_span
+from fastprof.middleware._settings import Settings
+
+__all__ = ["WebSocketSession", "start_session"]
+
+SPAN_PREFIX: Final = "WEBSOCKET"
+#: Close codes that mean the server failed (1011: internal error).
+_ERROR_CLOSE_CODES: Final = frozenset({1011})
+
+
+def start_session(settings: Settings, scope: Scope) -> LeanRequest | WebSocketSession:
+    """Start tracing a websocket session in the cheapest shape that serves it."""
+    headers: list[tuple[bytes, bytes]] = scope.get("headers") or []
+    path = scope.get("path", "")
+    span, owned, recording, ctx = open_server_span(
+        settings, scope, headers, SPAN_PREFIX, current_context(), None
+    )
+    state = RequestState(
+        span, "GET", path, headers, settings.request_id_header, _route_resolver(scope, path)
+    )
+    state.websocket = True
+    hooks = settings.sampled_hooks if recording else settings.unsampled_hooks
+    if recording:
+        attrs = (
+            request_attributes(
+                scope,
+                headers,
+                {},
+                settings.max_attribute_length,
+                settings.query,
+                settings.sensitive_keys,
+            )
+            if owned
+            else {}
+        )
+        attrs[REQUEST_ID] = state.request_id
+        span.set_attributes(attrs)
+    if hooks.worker:
+        state._worker_hooks = hooks.worker
+    scope[SCOPE_KEY] = state
+    state_token = current_request.set(state)
+    context_token = attach_context(ctx) if ctx is not None else None
+    if not recording and hooks.empty:
+        return LeanRequest(state_token, context_token)
+    return WebSocketSession(settings, state, hooks, owned, recording, state_token, context_token)
+
+
+class WebSocketSession(LeanRequest):
+    """A websocket session whose span records or whose hooks run."""
+
+    __slots__ = (
+        "_accepted",
+        "_close_code",
+        "_hooks",
+        "_owned",
+        "_received",
+        "_recording",
+        "_sent",
+        "_settings",
+        "state",
+    )
+
+    def __init__(
+        self,
+        settings: Settings,
+        state: RequestState,
+        hooks: HookSet,
+        owned: bool,
+        recording: bool,
+        state_token: Token[Any],
+        context_token: Token[Any] | None,
+    ) -> None:
+        self._settings = settings
+        self.state = state
+        self._hooks = hooks
+        self._owned = owned
+        self._recording = recording
+        self._state_token = state_token
+        self._context_token = context_token
+        self._accepted = False
+        self._close_code: int | None = None
+        self._received = 0
+        self._sent = 0
+
+    async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        state = self.state
+        hooks = self._hooks
+        for hook in hooks.start:
+            try:
+                hook.on_request_start(state, scope)
+            except Exception as exc:
+                _internal_errors.report("hook.on_request_start", exc)
+        if self._recording:
+            receive, send = self._receive_wrapper(receive), self._send_wrapper(send)
+        error: BaseException | None = None
+        try:
+            await app(scope, receive, send)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._finish(error)
+            for hook in hooks.exit:
+                try:
+                    hook.on_app_exit(state)
+                except Exception as exc:
+                    _internal_errors.report("hook.on_app_exit", exc)
+            self.leave(scope)
+
+    def _receive_wrapper(self, receive: Receive) -> Receive:
+        async def wrapped_receive() -> Message:
+            message = await receive()
+            message_type = message["type"]
+            if message_type == "websocket.receive":
+                self._received += 1
+            elif message_type == "websocket.disconnect" and self._close_code is None:
+                code = message.get("code")
+                self._close_code = code if isinstance(code, int) else 1005
+            return message
+
+        return wrapped_receive
+
+    def _send_wrapper(self, send: Send) -> Callable[[Message], Awaitable[None]]:
+        async def wrapped_send(message: Message) -> None:
+            message_type = message["type"]
+            if message_type == "websocket.send":
+                self._sent += 1
+            elif message_type == "websocket.accept":
+                self._accepted = True
+            elif message_type == "websocket.close" and self._close_code is None:
+                code = message.get("code", 1000)
+                self._close_code = code if isinstance(code, int) else 1000
+            await send(message)
+
+        return wrapped_send
+
+    def _finish(self, error: BaseException | None) -> None:
+        """The session is over: hooks, the span's attributes, the span's end (once)."""
+        state = self.state
+        for hook in self._hooks.complete:
+            try:
+                hook.on_response_complete(state)
+            except Exception as exc:
+                _internal_errors.report("hook.on_response_complete", exc)
+        try:
+            state.finalize_route()
+            if self._recording:
+                self._annotate(error)
+        except Exception as exc:
+            _internal_errors.report("request_end", exc)
+        for hook in self._hooks.end:
+            try:
+                hook.on_request_end(state)
+            except Exception as exc:
+                _internal_errors.report("hook.on_request_end", exc)
+        if self._owned:
+            try:
+                state.span.end()
+            except Exception as exc:  # pragma: no cover - SDK failure
+                _internal_errors.report("span_end", exc)
+
+    def _annotate(self, error: BaseException | None) -> None:
+        span = self.state.span
+        attrs: dict[str, Any] = {
+            WEBSOCKET_MESSAGES_RECEIVED: self._received,
+            WEBSOCKET_MESSAGES_SENT: self._sent,
+            WEBSOCKET_ACCEPTED: self._accepted,
+        }
+        code = self._close_code
+        if code is not None:
+            attrs[WEBSOCKET_CLOSE_CODE] = code
+        if self._owned:
+            route = self.state.route
+            if route is not None:
+                route = truncate(route, self._settings.max_attribute_length)
+                attrs["http.route"] = route
+                span.update_name(f"{SPAN_PREFIX} {route}")
+        failure: str | None = None
+        if error is not None:
+            failure = error_type(error)
+            if isinstance(error, Exception):
+                span.record_exception(error, escaped=True)
+        elif code in _ERROR_CLOSE_CODES:
+            failure = str(code)
+        if failure is not None:
+            attrs["error.type"] = failure
+            if self._owned:
+                span.set_status(Status(StatusCode.ERROR))
+        span.set_attributes(attrs)
