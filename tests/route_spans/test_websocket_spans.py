@@ -1,4 +1,4 @@
-"""Websocket sessions: one SERVER span per session, dependency spans, blocks, nothing per message."""
+"""Websocket sessions: one SERVER span each, dependency spans, blocks, nothing per message."""
 
 from __future__ import annotations
 
