@@ -31,7 +31,9 @@ class FastprofMiddleware:
 
     When another layer already owns the request's SERVER span (FastAPI's native
     telemetry, OpenTelemetry's contrib ASGI/FastAPI instrumentation), fastprof
-    enriches that span instead of creating a second one.
+    enriches that span instead of creating a second one. A request FastAPI's
+    native telemetry excludes (its ``exclude`` option) is not traced by fastprof
+    either.
 
     Each websocket session gets one SERVER span (``WEBSOCKET <route>``) with its
     message counts and close code. Lifespan scopes pass through untouched.
@@ -64,6 +66,12 @@ class FastprofMiddleware:
                 await self._websocket(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
+            return
+        if "fastapi.telemetry" in scope and scope["fastapi.telemetry"] is None:
+            # FastAPI's native telemetry excluded this request (its ``exclude``):
+            # fastprof records nothing either, and leaves the ambient context alone
+            # (an in-process request keeps the outer request's current span).
+            await self.app(scope, receive, send)
             return
         settings = self._settings
         if settings.exclude is not None:

@@ -192,3 +192,40 @@ async def test_hooks_can_annotate_a_foreign_span_before_it_ends(spans: Spans) ->
     await hit(app)
     span = assert_one_server_span(spans, "fastapi")
     assert span.attributes["test.tagged"] is True
+
+
+@needs_native
+async def test_request_excluded_by_native_telemetry_is_left_alone(spans: Spans) -> None:
+    """Native telemetry's ``exclude`` excludes the request from fastprof too, and an
+    in-process request it excludes keeps the outer request's span as the current one."""
+    def excluded(scope: Any) -> bool:
+        return bool(scope["path"] == "/inner")
+
+    app = FastAPI(telemetry={"tracer_provider": spans.provider, "exclude": excluded})
+    tracer = spans.provider.get_tracer("app")
+
+    @app.get("/inner")
+    async def inner() -> str:
+        with tracer.start_as_current_span("inner work"):
+            return "inner"
+
+    @app.get("/outer")
+    async def outer() -> str:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        ) as client:
+            return (await client.get("/inner")).json()  # type: ignore[no-any-return]
+
+    fastprof.instrument(app, tracer_provider=spans.provider)
+    response = await hit(app, "/outer")
+    assert response.json() == "inner"
+    server = assert_one_server_span(spans, "fastapi")  # the outer request only
+    assert server.name == "GET /outer"
+    (work,) = spans.named("inner work")
+    (endpoint,) = spans.named("fastapi.endpoint")
+    assert work.parent is not None and work.parent.span_id == endpoint.context.span_id
+    assert work.context.trace_id == server.context.trace_id
+    # Top-level: an excluded request gets no span from fastprof either.
+    spans.clear()
+    assert (await hit(app, "/inner")).json() == "inner"
+    assert spans.server() == []
