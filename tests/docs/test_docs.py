@@ -32,29 +32,36 @@ from fastprof import _internal_errors
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 LANGUAGES = frozenset({"python", "py"})
-SETUP_OPEN = "<!-- setup:"
-SETUP_CLOSE = "-->"
+COMMENT_CLOSE = "-->"
 #: ``FASTPROF_SECRET`` for the snippets (docs/contributing.md says so).
 SECRET = "docs-snippets-secret-0123456789abcdef"
 _FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})\s*(?P<info>.*)$")
+_COMMENT_OPEN = re.compile(r"^(?P<indent>\s*)<!-- (?P<kind>setup|then):\s*$")
+
+
+@dataclass(frozen=True)
+class Code:
+    text: str
+    line: int
+    """1-based line of its first line in the Markdown file."""
 
 
 @dataclass(frozen=True)
 class Snippet:
     path: Path
-    line: int
-    """1-based line of the snippet's first code line."""
-    code: str
-    setup: str = ""
-    setup_line: int = 0
+    code: Code
+    setup: Code | None = None
+    """Runs before the snippet: a ``<!-- setup: ... -->`` comment right before it."""
+    then: Code | None = None
+    """Runs after it, in its namespace: a ``<!-- then: ... -->`` comment right after it."""
 
     @property
     def id(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        return f"{self.path.relative_to(ROOT)}:{self.code.line}"
 
 
 def find_snippets(path: Path, text: str) -> list[Snippet]:
-    """The ``python``/``py`` fenced blocks of one Markdown text, with their setup comments.
+    """The ``python``/``py`` fenced blocks of one Markdown text, with their comments.
 
     Fences follow CommonMark: a block closes at a fence of the same character at least as long
     as the opening one, so a longer fence can show a ``python`` block without it being run.
@@ -83,9 +90,15 @@ def find_snippets(path: Path, text: str) -> list[Snippet]:
             end += 1
         if language in LANGUAGES:
             # CommonMark: up to the opening fence's indentation is removed from each line.
-            body = [_dedent(line, indent) for line in lines[i + 1 : end]]
-            setup, setup_line = _setup_before(lines, i)
-            found.append(Snippet(path, i + 2, "\n".join(body) + "\n", setup, setup_line))
+            body = "\n".join(_dedent(line, indent) for line in lines[i + 1 : end]) + "\n"
+            found.append(
+                Snippet(
+                    path,
+                    Code(body, i + 2),
+                    setup=_comment(lines, _neighbour(lines, i, -1), "setup"),
+                    then=_comment(lines, _neighbour(lines, end, +1), "then"),
+                )
+            )
         i = end + 1
     return found
 
@@ -94,36 +107,46 @@ def _dedent(line: str, indent: int) -> str:
     return line[min(indent, len(line) - len(line.lstrip(" "))) :]
 
 
-def _setup_before(lines: list[str], fence_index: int) -> tuple[str, int]:
-    """The code of a ``<!-- setup: ... -->`` comment ending right before a fence (blank lines
-    between are allowed), and the 1-based line of its first code line."""
-    j = fence_index - 1
-    while j >= 0 and not lines[j].strip():
-        j -= 1
-    if j < 0 or lines[j].strip() != SETUP_CLOSE:
-        return "", 0
-    start = j - 1
-    while start >= 0 and not lines[start].lstrip().startswith(SETUP_OPEN):
-        if SETUP_CLOSE in lines[start]:
-            return "", 0  # some other comment
-        start -= 1
-    if start < 0:
-        return "", 0
-    if lines[start] != lines[start].lstrip():
+def _neighbour(lines: list[str], index: int, step: int) -> int:
+    """The nearest non-blank line before (step -1) or after (step +1) ``index``."""
+    index += step
+    while 0 <= index < len(lines) and not lines[index].strip():
+        index += step
+    return index
+
+
+def _comment(lines: list[str], edge: int, kind: str) -> Code | None:
+    """The code in a ``<!-- kind:`` ... ``-->`` comment whose last line (setup) or first line
+    (then) is line ``edge``, or None if there is none."""
+    if not 0 <= edge < len(lines):
+        return None
+    if kind == "setup":
+        if lines[edge].strip() != COMMENT_CLOSE:
+            return None
+        start, end = edge - 1, edge
+        while start >= 0 and "<!--" not in lines[start] and COMMENT_CLOSE not in lines[start]:
+            start -= 1
+    else:
+        start, end = edge, edge + 1
+    opening = _COMMENT_OPEN.match(lines[start]) if start >= 0 else None
+    if opening is None or opening["kind"] != kind:
+        return None
+    if opening["indent"]:
         # Python-Markdown shows an HTML comment inside a list item as text.
-        raise ValueError(f"line {start + 1}: a setup comment must start at column 0")
-    first = lines[start].lstrip()[len(SETUP_OPEN) :].strip()
-    if first:
-        return first + "\n" + textwrap.dedent("\n".join(lines[start + 1 : j])) + "\n", start + 1
-    return textwrap.dedent("\n".join(lines[start + 1 : j])) + "\n", start + 2
+        raise ValueError(f"line {start + 1}: a {kind} comment must start at column 0")
+    while end < len(lines) and lines[end].strip() != COMMENT_CLOSE:
+        end += 1
+    if end == len(lines):
+        raise ValueError(f"line {start + 1}: the {kind} comment is not closed")
+    return Code(textwrap.dedent("\n".join(lines[start + 1 : end])) + "\n", start + 2)
 
 
 SNIPPETS = [s for page in PAGES for s in find_snippets(page, page.read_text(encoding="utf-8"))]
 
 
-def _compile(code: str, path: Path, first_line: int) -> types.CodeType:
-    # Padding keeps line numbers: tracebacks (and pytest's source display) show the Markdown line.
-    return compile("\n" * (first_line - 1) + code, str(path), "exec", dont_inherit=True)
+def _compile(code: Code, path: Path) -> types.CodeType:
+    # Padding keeps line numbers: tracebacks show the Markdown file's lines.
+    return compile("\n" * (code.line - 1) + code.text, str(path), "exec", dont_inherit=True)
 
 
 @pytest.fixture
@@ -156,17 +179,17 @@ def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.mark.usefixtures("isolated")
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.id for s in SNIPPETS])
 def test_snippet_runs(snippet: Snippet, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The snippet (after its setup comment) runs without an error, a warning, a fastprof internal
-    error or a leftover thread."""
+    """The snippet (between its setup and then comments) runs without an error, a warning, a
+    fastprof internal error or a thread left running."""
     threads = set(threading.enumerate())
     module = types.ModuleType("docs_snippet")
     module.__file__ = str(snippet.path)
     monkeypatch.setitem(sys.modules, module.__name__, module)
     failure = None
     try:
-        if snippet.setup:
-            exec(_compile(snippet.setup, snippet.path, snippet.setup_line), module.__dict__)
-        exec(_compile(snippet.code, snippet.path, snippet.line), module.__dict__)
+        for code in (snippet.setup, snippet.code, snippet.then):
+            if code is not None:
+                exec(_compile(code, snippet.path), module.__dict__)
     except Exception as exc:
         # The snippet's frames and below only: pytest would print the page from its first line.
         assert exc.__traceback__ is not None
@@ -174,7 +197,10 @@ def test_snippet_runs(snippet: Snippet, monkeypatch: pytest.MonkeyPatch) -> None
     if failure is not None:
         pytest.fail(f"{snippet.id} failed:\n{failure}", pytrace=False)
     assert _internal_errors.counts() == {}
-    assert [t.name for t in set(threading.enumerate()) - threads if not t.daemon] == []
+    started = [t for t in set(threading.enumerate()) - threads if not t.daemon]
+    for thread in started:  # e.g. anyio's worker threads stop shortly after their loop closed
+        thread.join(timeout=2.0)
+    assert [t.name for t in started if t.is_alive()] == []
 
 
 def test_every_page_with_python_has_its_snippets_collected() -> None:
@@ -183,7 +209,7 @@ def test_every_page_with_python_has_its_snippets_collected() -> None:
     assert {"README.md", "docs/dependencies.md", "docs/profiling.md", "docs/event-loop.md"} <= pages
 
 
-def test_find_snippets_reads_setup_comments_and_nested_fences() -> None:
+def test_find_snippets_reads_comments_and_nested_fences() -> None:
     text = "\n".join(
         [
             "Intro",  # 1
@@ -194,36 +220,48 @@ def test_find_snippets_reads_setup_comments_and_nested_fences() -> None:
             "```python",  # 6
             "print(x)",  # 7
             "```",  # 8
-            "<!-- a plain comment -->",  # 9
-            "```py title='t'",  # 10
-            "y = 2",  # 11
-            "```",  # 12
-            "````markdown",  # 13
-            "```python",  # 14
-            "not run",  # 15
-            "```",  # 16
-            "````",  # 17
-            "```bash",  # 18
-            "echo no",  # 19
-            "```",  # 20
-            "- item",  # 21
-            "",  # 22
-            "    ```python",  # 23
-            "    z = 3",  # 24
-            "    ```",  # 25
+            "<!-- then:",  # 9
+            "assert x == 1",  # 10
+            "-->",  # 11
+            "<!-- a plain comment -->",  # 12
+            "```py title='t'",  # 13
+            "y = 2",  # 14
+            "```",  # 15
+            "````markdown",  # 16
+            "```python",  # 17
+            "not run",  # 18
+            "```",  # 19
+            "````",  # 20
+            "```bash",  # 21
+            "echo no",  # 22
+            "```",  # 23
+            "- item",  # 24
+            "",  # 25
+            "    ```python",  # 26
+            "    z = 3",  # 27
+            "    ```",  # 28
         ]
     )
     found = find_snippets(ROOT / "x.md", text)
-    assert [(s.line, s.code, s.setup, s.setup_line) for s in found] == [
-        (7, "print(x)\n", "x = 1\n", 3),
-        (11, "y = 2\n", "", 0),
-        (24, "z = 3\n", "", 0),
+    assert [(s.code, s.setup, s.then) for s in found] == [
+        (Code("print(x)\n", 7), Code("x = 1\n", 3), Code("assert x == 1\n", 10)),
+        (Code("y = 2\n", 14), None, None),
+        (Code("z = 3\n", 27), None, None),
     ]
 
 
-def test_find_snippets_refuses_an_indented_setup_comment() -> None:
-    text = "* item\n\n  <!-- setup:\n  x = 1\n  -->\n  ```python\n  print(x)\n  ```\n"
-    with pytest.raises(ValueError, match="line 3: a setup comment must start at column 0"):
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "* item\n\n  <!-- setup:\n  x = 1\n  -->\n  ```python\n  print(x)\n  ```\n",
+            "line 3: a setup comment must start at column 0",
+        ),
+        ("```python\nx = 1\n```\n<!-- then:\nassert x\n", "line 4: the then comment is not closed"),
+    ],
+)
+def test_find_snippets_refuses_a_comment_it_cannot_run(text: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
         find_snippets(ROOT / "x.md", text)
 
 
