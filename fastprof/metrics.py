@@ -7,17 +7,15 @@ meter provider every instrument is a no-op.
 
 Instruments (all durations in seconds):
 
-=====================================  ==============  ===========================================
-name                                   kind            meaning
-=====================================  ==============  ===========================================
-``fastprof.loop.lag``                  histogram       how late the heartbeat callback ran
-``fastprof.loop.blocks``               counter         blocks longer than the threshold
-``fastprof.loop.blocked.duration``     histogram       duration of each reported block
-``fastprof.threadpool.wait.duration``  histogram       per call: submit to start on a worker thread
-``fastprof.threadpool.tokens.used``    gauge           anyio default limiter: tokens borrowed
-``fastprof.threadpool.tokens.limit``   gauge           anyio default limiter: total tokens
-``fastprof.threadpool.waiting``        gauge           tasks queued for a token
-=====================================  ==============  ===========================================
+| name                                  | kind      | meaning                                      |
+|---------------------------------------|-----------|----------------------------------------------|
+| ``fastprof.loop.lag``                 | histogram | how late the heartbeat callback ran          |
+| ``fastprof.loop.blocks``              | counter   | blocks longer than the threshold             |
+| ``fastprof.loop.blocked.duration``    | histogram | duration of each reported block              |
+| ``fastprof.threadpool.wait.duration`` | histogram | per call: submit to start on a worker thread |
+| ``fastprof.threadpool.tokens.used``   | gauge     | anyio default limiter: tokens borrowed       |
+| ``fastprof.threadpool.tokens.limit``  | gauge     | anyio default limiter: total tokens          |
+| ``fastprof.threadpool.waiting``       | gauge     | tasks queued for a token                     |
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ stats: dict[str, Any] = {
 
 # FASTPROF_SUITE_DEPENDENCIES=off|marked|all (default all): to tell dependency-span
 # effects apart from server-span ones when a test differs.
-_DEPENDENCIES: Any = os.environ.get("FASTPROF_SUITE_DEPENDENCIES", "all")
+_MODE = os.environ.get("FASTPROF_SUITE_DEPENDENCIES", "all")
+_DEPENDENCIES: Any = False if _MODE == "off" else fastprof.DependencySpans(mode=_MODE)  # type: ignore[arg-type]
 
 _original_init = fastapi.FastAPI.__init__
 

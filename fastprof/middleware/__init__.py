@@ -40,19 +40,26 @@ class FastprofMiddleware:
 
     Args:
         app: The ASGI application to wrap.
-        tracer_provider: Provider for fastprof's spans; defaults to the global one.
-        exclude: Paths not to trace: a list of exact paths, a regular expression
-            searched in the path, or a callable receiving the ASGI scope.
-        request_id_header: Incoming header holding a request id to reuse (validated:
-            1-128 characters of ``[A-Za-z0-9._:-]``); ``None`` always generates one.
-        response_request_id_header: If set, the request id is returned in this
-            response header. Off by default: fastprof changes no response.
-        query: How ``url.query`` is recorded: ``"redact_sensitive"`` (values of
-            credential-like keys become ``REDACTED``), ``"redact_all"`` or ``"omit"``.
-        redact_query_keys: More query parameter names whose values are redacted
-            under ``"redact_sensitive"`` (case-insensitive).
-        max_attribute_length: Longest string fastprof records in an attribute.
-        hooks: Extra per-request components (see :class:`RequestHooks`).
+        **options: The keyword options below (:class:`MiddlewareOptions`).
+
+    Keyword Args:
+        tracer_provider (TracerProvider | None): Provider for fastprof's spans; defaults
+            to the global one.
+        exclude (ExcludeOption): Paths not to trace: a list of exact paths, a regular
+            expression searched in the path, or a callable receiving the ASGI scope.
+        request_id_header (str | None): Incoming header holding a request id to reuse
+            (validated: 1-128 characters of ``[A-Za-z0-9._:-]``); ``None`` always
+            generates one. Default ``"x-request-id"``.
+        response_request_id_header (str | None): If set, the request id is returned in
+            this response header. Off by default: fastprof changes no response.
+        query (QueryPolicy): How ``url.query`` is recorded: ``"redact_sensitive"``
+            (the default: values of credential-like keys become ``REDACTED``),
+            ``"redact_all"`` or ``"omit"``.
+        redact_query_keys (Iterable[str]): More query parameter names whose values are
+            redacted under ``"redact_sensitive"`` (case-insensitive).
+        max_attribute_length (int): Longest string fastprof records in an attribute
+            (16-65536, default 2048).
+        hooks (Iterable[RequestHooks]): Per-request components (see :class:`RequestHooks`).
     """
 
     def __init__(self, app: ASGIApp, **options: Unpack[MiddlewareOptions]) -> None:
