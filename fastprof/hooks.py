@@ -139,8 +139,9 @@ def run_in_worker(state: RequestState, call: Callable[[], T]) -> T:
     hooks = state._worker_hooks
     if not hooks:
         return call()
-    for hook in reversed(hooks[1:]):
-        call = functools.partial(hook.run_in_worker, state, call)
+    if len(hooks) > 1:
+        for hook in reversed(hooks[1:]):
+            call = functools.partial(hook.run_in_worker, state, call)
     return hooks[0].run_in_worker(state, call)
 
 
