@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from starlette.types import Message, Scope
+
+from fastprof import _internal_errors
 
 if TYPE_CHECKING:
     from fastprof._context import RequestState
@@ -134,14 +136,51 @@ def run_in_worker(state: RequestState, call: Callable[[], T]) -> T:
     """Run ``call`` for ``state``'s request through its hooks' :meth:`~RequestHooks.run_in_worker`.
 
     The worker-thread seam: dependency instrumentation calls this in the worker
-    thread without knowing which component (if any) wants to see the call.
+    thread without knowing which component (if any) wants to see the call. Each
+    hook is guarded: what ``call`` returns or raises is what the caller gets, and
+    a hook's own failure is reported and ``call`` still runs exactly once.
     """
     hooks = state._worker_hooks
     if not hooks:
         return call()
-    if len(hooks) > 1:
-        for hook in reversed(hooks[1:]):
-            call = functools.partial(hook.run_in_worker, state, call)
-    return hooks[0].run_in_worker(state, call)
+    for hook in reversed(hooks):
+        call = functools.partial(_guarded, hook, state, call)
+    return call()
 
 
+class _Once(Generic[T]):
+    """``call`` wrapped to know whether it ran and what it gave."""
+
+    __slots__ = ("call", "error", "ran", "result")
+
+    def __init__(self, call: Callable[[], T]) -> None:
+        self.call = call
+        self.ran = False
+        self.error: BaseException | None = None
+
+    def __call__(self) -> T:
+        if self.ran:
+            raise RuntimeError("run_in_worker called its call twice")
+        self.ran = True
+        try:
+            self.result = self.call()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        return self.result
+
+
+def _guarded(hook: RequestHooks, state: RequestState, call: Callable[[], T]) -> T:
+    once = _Once(call)
+    try:
+        return hook.run_in_worker(state, once)
+    except BaseException as exc:
+        if exc is once.error:
+            raise  # the application's own exception, untouched
+        failure = exc
+    _internal_errors.report("hook.run_in_worker", failure)  # the hook's own failure
+    if once.error is not None:
+        raise once.error  # outside the except block: its context stays as it was
+    if once.ran:
+        return once.result
+    return call()
