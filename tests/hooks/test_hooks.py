@@ -150,7 +150,8 @@ async def test_the_applications_exception_passes_through_untouched(spans: Any) -
             except Boom:
                 raise RuntimeError("a hook that replaces the error") from None
 
-    state = fastprof.RequestState(SpanRecorder().provider.get_tracer("t").start_span("s"), "GET", "/")
+    span = SpanRecorder().provider.get_tracer("t").start_span("s")
+    state = fastprof.RequestState(span, "GET", "/")
     state._worker_hooks = (Swallow(),)
     with pytest.raises(Boom) as raised:
         run_in_worker(state, work)
