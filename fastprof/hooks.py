@@ -57,6 +57,10 @@ class RequestHooks:
     #: its span and context.
     unsampled_requests: bool = True
 
+    #: fastprof's own components contain their failures themselves: their
+    #: ``run_in_worker`` is called without the guard (no extra frame in a profile).
+    _never_raises: ClassVar[bool] = False
+
     #: ``False`` when the component has nothing to do (e.g. profiling with no
     #: trigger configured, dependency spans without a supported FastAPI): the
     #: middleware then never calls it. Read once when the middleware is built.
@@ -144,7 +148,10 @@ def run_in_worker(state: RequestState, call: Callable[[], T]) -> T:
     if not hooks:
         return call()
     for hook in reversed(hooks):
-        call = functools.partial(_guarded, hook, state, call)
+        if hook._never_raises:
+            call = functools.partial(hook.run_in_worker, state, call)
+        else:
+            call = functools.partial(_guarded, hook, state, call)
     return call()
 
 
@@ -171,6 +178,7 @@ class _Once(Generic[T]):
 
 
 def _guarded(hook: RequestHooks, state: RequestState, call: Callable[[], T]) -> T:
+    """``hook.run_in_worker(state, call)``, guarded (see :func:`run_in_worker`)."""
     once = _Once(call)
     try:
         return hook.run_in_worker(state, once)
@@ -184,3 +192,8 @@ def _guarded(hook: RequestHooks, state: RequestState, call: Callable[[], T]) -> 
     if once.ran:
         return once.result
     return call()
+
+
+#: ``functools.partial(_guarded, hook, state, call)`` stands for ``call`` (a profile names
+#: the worker-thread call after ``call``, not after the guard).
+_guarded.__fastprof_passthrough__ = True  # type: ignore[attr-defined]

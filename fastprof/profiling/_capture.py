@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import sys
 import threading
@@ -265,7 +266,12 @@ def _unsubscribe(target: Callable[..., None]) -> None:
 
 
 def _callable_name(fn: Callable[..., Any]) -> str:
-    inner = getattr(fn, "func", fn)  # functools.partial
+    inner: Any = fn
+    for _ in range(8):  # functools.partial, and fastprof's guards of other hooks
+        if not isinstance(inner, functools.partial):
+            break
+        passthrough = getattr(inner.func, "__fastprof_passthrough__", False)
+        inner = inner.args[-1] if passthrough and inner.args else inner.func
     name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None)
     return str(name) if name else type(inner).__name__
 

@@ -122,6 +122,7 @@ class Profiling(RequestHooks):
     """
 
     order = -100  # decides first: the other components read state.profile_id
+    _never_raises = True  # run_in_worker: ProfileCapture.worker_hook contains its failures
 
     def __init__(
         self,
