@@ -2,9 +2,9 @@
 ``docs/*.md`` and ``README.md`` runs.
 
 A snippet is a fenced block whose language is ``python`` or ``py``; each runs in a fresh module
-namespace, after the code of an optional ``<!-- setup: ... -->`` HTML comment right before it
-(see docs/contributing.md, "Code snippets are tests"). No snippet can be skipped. Tracebacks point
-at the Markdown file and line.
+namespace, after the code of an optional ``<!-- setup: ... -->`` HTML comment right before it and
+before that of an optional ``<!-- then: ... -->`` comment right after it (docs/contributing.md,
+"Code snippets are tests"). No snippet can be skipped. Tracebacks point at the Markdown lines.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import threading
 import traceback
 import types
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +150,8 @@ def _compile(code: Code, path: Path) -> types.CodeType:
     return compile("\n" * (code.line - 1) + code.text, str(path), "exec", dont_inherit=True)
 
 
-@pytest.fixture
-def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+@contextmanager
+def _globals_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Undo what the snippets change in this process: the global tracer provider (shut down),
     structlog's configuration, the root logger's handlers, the benchmark variant registry."""
     import benchmarks.variants
@@ -168,7 +169,7 @@ def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     finally:
         installed = trace._TRACER_PROVIDER
         if installed is not provider:
-            installed.shutdown()  # type: ignore[union-attr]
+            getattr(installed, "shutdown", lambda: None)()  # the SDK's flushes and stops
         structlog.reset_defaults()
         if structlog_config is not None:
             structlog.configure(**structlog_config)
@@ -176,28 +177,28 @@ def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         root.setLevel(level)
 
 
-@pytest.mark.usefixtures("isolated")
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.id for s in SNIPPETS])
 def test_snippet_runs(snippet: Snippet, monkeypatch: pytest.MonkeyPatch) -> None:
     """The snippet (between its setup and then comments) runs without an error, a warning, a
-    fastprof internal error or a thread left running."""
+    fastprof internal error or a thread left running once its tracer provider is shut down."""
     threads = set(threading.enumerate())
     module = types.ModuleType("docs_snippet")
     module.__file__ = str(snippet.path)
     monkeypatch.setitem(sys.modules, module.__name__, module)
     failure = None
-    try:
-        for code in (snippet.setup, snippet.code, snippet.then):
-            if code is not None:
-                exec(_compile(code, snippet.path), module.__dict__)
-    except Exception as exc:
-        # The snippet's frames and below only: pytest would print the page from its first line.
-        assert exc.__traceback__ is not None
-        failure = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
+    with _globals_restored(monkeypatch):
+        try:
+            for code in (snippet.setup, snippet.code, snippet.then):
+                if code is not None:
+                    exec(_compile(code, snippet.path), module.__dict__)
+        except Exception as exc:
+            # The snippet's frames and below only: pytest would print the page from line 1.
+            assert exc.__traceback__ is not None
+            failure = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
     if failure is not None:
         pytest.fail(f"{snippet.id} failed:\n{failure}", pytrace=False)
     assert _internal_errors.counts() == {}
-    started = [t for t in set(threading.enumerate()) - threads if not t.daemon]
+    started = set(threading.enumerate()) - threads
     for thread in started:  # e.g. anyio's worker threads stop shortly after their loop closed
         thread.join(timeout=2.0)
     assert [t.name for t in started if t.is_alive()] == []
