@@ -1,4 +1,4 @@
-"""The configurations the HTTP benchmark (``python -m benchmarks.http``) serves with uvicorn.
+"""The configurations the HTTP benchmark (``python -m benchmarks.http_mode``) serves with uvicorn.
 
 Each entry of :data:`HTTP_VARIANTS` builds the ASGI app one server process serves. Every
 tracer provider here is an SDK ``TracerProvider`` with a ``BatchSpanProcessor`` feeding an

@@ -1,4 +1,4 @@
-"""Smoke test of the HTTP benchmark (``python -m benchmarks.http``): structure only, never speed."""
+"""Smoke test of the HTTP benchmark (``python -m benchmarks.http_mode``): structure, not speed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import http as bench
+from benchmarks import http_mode as bench
 from benchmarks.http_variants import HTTP_VARIANTS, count_spans, record_spans
 
 pytestmark = pytest.mark.server

@@ -1,6 +1,6 @@
 """The HTTP benchmark: each configuration behind a real uvicorn, under concurrent load.
 
-``python -m benchmarks.http [--quick] [--loop uvloop|asyncio] [--variants a,b] [--json PATH]``
+``python -m benchmarks.http_mode [--quick] [--loop uvloop|asyncio] [--variants a,b] [--json PATH]``
 
 For every variant (``benchmarks/http_variants.py``) in every round, a fresh server process
 (``benchmarks._http_server``: uvicorn, 1 worker, the chosen loop, httptools when installed,
@@ -39,8 +39,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # pragma: no cover - ``python benchmarks/http.py``
-    raise SystemExit("run it as a module, from the repository root: python -m benchmarks.http")
+if __package__ in (None, ""):  # pragma: no cover - ``python benchmarks/http_mode.py``
+    raise SystemExit("run it as a module, from the repository root: python -m benchmarks.http_mode")
 
 from benchmarks.http_variants import HTTP_VARIANTS
 
@@ -72,7 +72,7 @@ def _csv(value: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.http",
+        prog="python -m benchmarks.http_mode",
         description="fastprof's cost behind a real uvicorn under concurrent load, against bare.",
     )
     p.add_argument("--quick", action="store_true", help="1 round of 0.5 s windows (smoke check)")
