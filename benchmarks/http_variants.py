@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -182,7 +185,19 @@ def _native_sampled() -> ASGIApp:
 
 @_variant("sdk-floor", "the SDK alone starting and ending the spans `sampled` records, ALWAYS_ON")
 def _sdk_floor() -> ASGIApp:
-    templates = record_spans()
+    # Recorded in a child process: instrument() patches FastAPI process-wide, and the
+    # floor must run FastAPI unpatched.
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.http_variants", "--record-spans"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    templates = {
+        path: _template_from_json(tree)
+        for path, tree in json.loads(proc.stdout.strip().splitlines()[-1]).items()
+    }
     tracer = tracer_provider("on").get_tracer("sdk-floor")
     return SpanFloor(create_app(), tracer, templates)
 
@@ -261,6 +276,26 @@ async def _one_request(app: ASGIApp, path: str) -> None:
     await app(scope, receive, send)
 
 
+def _template_to_json(t: SpanTemplate) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "kind": t.kind.name,
+        "attributes": {k: list(v) if isinstance(v, tuple) else v for k, v in t.attributes.items()},
+        "children": [_template_to_json(c) for c in t.children],
+    }
+
+
+def _template_from_json(data: dict[str, Any]) -> SpanTemplate:
+    from opentelemetry.trace import SpanKind
+
+    return SpanTemplate(
+        data["name"],
+        SpanKind[data["kind"]],
+        data["attributes"],
+        [_template_from_json(c) for c in data["children"]],
+    )
+
+
 def count_spans(template: SpanTemplate) -> int:
     return 1 + sum(count_spans(c) for c in template.children)
 
@@ -307,3 +342,10 @@ class SpanFloor:
         finally:
             self._detach(token)
             span.end()
+
+
+if __name__ == "__main__":  # ``python -m benchmarks.http_variants --record-spans``
+    if sys.argv[1:] != ["--record-spans"]:
+        raise SystemExit("usage: python -m benchmarks.http_variants --record-spans")
+    recorded = {path: _template_to_json(t) for path, t in record_spans().items()}
+    print(json.dumps(recorded))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks import http_mode as bench
-from benchmarks.http_variants import HTTP_VARIANTS, count_spans, record_spans
+from benchmarks.http_variants import HTTP_VARIANTS, build, count_spans, record_spans
 
 pytestmark = pytest.mark.server
 
@@ -50,6 +51,13 @@ def test_sdk_floor_replays_the_spans_fastprof_records() -> None:
     assert count_spans(templates["/plain"]) == 4
     assert count_spans(templates["/deps"]) > count_spans(templates["/plain"])
     assert templates["/plain"].attributes["http.route"] == "/plain"
+    # The variant records them in a child process, so that its FastAPI stays unpatched.
+    floor = build("sdk-floor")
+    assert _shape(floor.templates["/deps"]) == _shape(templates["/deps"])  # type: ignore[attr-defined]
+
+
+def _shape(t: Any) -> tuple[Any, ...]:
+    return (t.name, t.kind, sorted(t.attributes), [_shape(c) for c in t.children])
 
 
 def test_quick_run_serves_real_uvicorn_and_reports_ratios(
