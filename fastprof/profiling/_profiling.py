@@ -297,6 +297,25 @@ class Profiling(RequestHooks):
 
     # -- hooks ----------------------------------------------------------------
 
+    def wants_unsampled(self, scope: Scope) -> bool:
+        """Whether an unsampled request may be profiled: it carries the token header (or,
+        in dev mode, the query parameter), or a sample rate is configured.
+
+        A cheap pre-check (no token verification) for the middleware: an unsampled
+        request for which it is ``False`` cannot start a profile, so it needs none of
+        the per-request hooks profiling brings along (this one, and dependency timings
+        for profiled requests) and can take the middleware's lean path.
+        """
+        if self._max_rate > 0:
+            return True
+        if self._header is not None:
+            headers = scope.get("headers")
+            if headers and find_header(headers, self._header) is not None:
+                return True
+        if self._query_key is not None:
+            return self._query_probe in scope.get("query_string", b"")
+        return False
+
     def on_request_start(self, state: RequestState, scope: Scope) -> None:
         trigger = self._decide(state, scope)
         if trigger is None:
