@@ -180,6 +180,25 @@ class RequestState:
         """
         return run_in_worker(self, call)
 
+    def _release(self) -> None:
+        """The request is over: drop what would keep its objects alive.
+
+        uvicorn arms its keep-alive timer from inside the request's last ``send``,
+        so the timer holds a copy of the request's context (and through it this
+        state) until the connection's next request: without this, the scope, its
+        headers and every component's records would outlive the request and be
+        promoted by the garbage collector, whose full collections then pause the
+        server. A route already final is resolved and kept; the request id stays.
+        (A lean request, with no hook, keeps its state as it is: it holds little.)
+        """
+        resolver = self._route_resolver
+        if resolver is not None:
+            if self._route_final:
+                self._route = resolver()
+            self._route_resolver = None
+        self._id_headers = None
+        self._profile = self._dependencies = self._task = None
+
     def elapsed_s(self) -> float:
         """Seconds since the request started."""
         return (time.perf_counter_ns() - self.start_ns) / 1e9

@@ -66,6 +66,18 @@ class RequestHooks:
     #: middleware then never calls it. Read once when the middleware is built.
     enabled: bool = True
 
+    def wants_unsampled(self, scope: Scope) -> bool:
+        """Whether this hook needs this unsampled request (one whose span does not record).
+
+        Asked before the request starts, only of hooks that override it and only
+        for unsampled requests: an unsampled request that no hook wants takes the
+        middleware's lean path (no hooks, ``send``/``receive`` untouched). Keep it
+        cheap: it runs for every unsampled request. A hook that does not override
+        it wants every unsampled request (unless :attr:`unsampled_requests` is
+        ``False``). Profiling, for example, wants only requests that carry a token.
+        """
+        return True
+
     def on_request_start(self, state: RequestState, scope: Scope) -> None:
         """Called in the request's task before the application runs."""
 
@@ -117,9 +129,15 @@ def ordered(hooks: Iterable[RequestHooks]) -> tuple[RequestHooks, ...]:
 class HookSet:
     """Per-phase tuples of the hooks that implement it: nothing to call is free."""
 
-    __slots__ = ("complete", "empty", "end", "exit", "response", "start", "worker")
+    __slots__ = ("complete", "empty", "end", "exit", "gates", "response", "start", "worker")
 
     def __init__(self, hooks: tuple[RequestHooks, ...]) -> None:
+        #: ``wants_unsampled`` of every hook, or ``None`` when a hook wants every
+        #: unsampled request (it does not override the method).
+        gated = _implementing(hooks, "wants_unsampled")
+        self.gates = (
+            tuple(h.wants_unsampled for h in gated) if len(gated) == len(hooks) else None
+        )
         self.start = _implementing(hooks, "on_request_start")
         self.worker = _implementing(hooks, "run_in_worker")
         self.response = _implementing(hooks, "on_response_start")

@@ -107,6 +107,11 @@ class DependencySpans(RequestHooks):
             self.timings_when_unsampled or self.profiled_requests
         ) and self.enabled
 
+    def wants_unsampled(self, scope: Scope) -> bool:
+        # Timings for the slow-request log: every unsampled request. Only for
+        # profiled requests: not by itself (it follows the requests profiling wants).
+        return self.timings_when_unsampled
+
     def _configured(
         self,
         tracer_provider: TracerProvider | None,
@@ -151,3 +156,4 @@ class DependencySpans(RequestHooks):
             if tracker.token is not None:
                 token, tracker.token = tracker.token, None
                 active.reset(token)
+            tracker.release()

@@ -69,6 +69,7 @@ class Tracker:
         "server_ctx",
         "spans",
         "spans_dropped",
+        "spans_on",
         "state",
         "token",
         "tracer",
@@ -89,10 +90,22 @@ class Tracker:
         #: Dependency spans started (setup and teardown) and refused by the cap.
         self.spans = 0
         self.spans_dropped = 0
+        #: ``False`` for a timings-only tracker (an unsampled request): no span work at all.
+        self.spans_on = max_spans > 0
         self.current: Node | None = None  # the dependant being solved
         self.epoch_offset = time.time_ns() - time.perf_counter_ns()
         self.server_ctx: Context | None = None
         self.token: Any = None
+
+
+    def release(self) -> None:
+        """The request is over: drop the references to its state and nodes.
+
+        A copy of the request's context (uvicorn's keep-alive timer) can keep the
+        tracker alive after the request (see ``RequestState._release``).
+        """
+        self.current = self.pending = None
+        self.server_ctx = None
 
 
 class Node:
@@ -187,7 +200,7 @@ def end_unconsumed(node: Node, cached: bool) -> None:
         if cached:
             span.set_attribute(CACHE_HIT, True)
         span.end(end_time=(node.ready_ns or time.perf_counter_ns()) + node.tracker.epoch_offset)
-    elif cached and info is not None:
+    elif cached and info is not None and node.tracker.spans_on:
         # Visible without a second duration: an event on the span of what needed it.
         parent = node.parent
         target = ensure_span(parent) if parent is not None else None
@@ -263,7 +276,7 @@ def begin_call(tracker: Tracker, info: CallInfo, on_loop: bool) -> Node | None:
             ctx = parent.ctx if parent is not None else current_context()
             node = Node(tracker, info, parent, ctx)
         node.called_ns = time.perf_counter_ns()
-        if node.span is None and not node.dropped:
+        if node.span is None and not node.dropped and tracker.spans_on:
             ensure_span(node)
     except Exception as exc:
         _internal_errors.report("dependencies.begin", exc)

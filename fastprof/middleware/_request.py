@@ -55,10 +55,12 @@ def start_request(settings: Settings, scope: Scope) -> LeanRequest | TracedReque
     ambient = current_context()
     parent: Context | None = None
     fast = settings.lean_fast_path
+    dropped = None
     if fast is not None and not ambient and "fastapi.telemetry" not in scope:
         parent = extract_context(headers)
         span = fast(parent)
-        if span is not None:
+        gates = settings.unsampled_gates
+        if span is not None and (gates is None or not _wanted(gates, scope)):
             # Positional: a class call with keywords builds a dict.
             state = RequestState(
                 span,
@@ -70,13 +72,15 @@ def start_request(settings: Settings, scope: Scope) -> LeanRequest | TracedReque
             )
             scope[SCOPE_KEY] = state
             return LeanRequest(
-                current_request.set(state), attach_context(context_with_span(span, parent))
+                state, current_request.set(state), attach_context(context_with_span(span, parent))
             )
-        # else: the fast path can't serve it; the span below reuses ``parent``.
+        # else: the fast path can't serve it, or a hook wants this unsampled
+        # request; the span below reuses ``parent`` (and the dropped span).
+        dropped = span
     method = scope.get("method", "GET")
     span_method = SPAN_METHODS.get(method, "HTTP")
     span, owned, recording, ctx = open_server_span(
-        settings, scope, headers, span_method, ambient, parent
+        settings, scope, headers, span_method, ambient, parent, dropped
     )
     state = RequestState(
         span, method, path, headers, settings.request_id_header, _route_resolver(scope, path)
@@ -106,7 +110,7 @@ def start_request(settings: Settings, scope: Scope) -> LeanRequest | TracedReque
     state_token = current_request.set(state)
     context_token = attach_context(ctx) if ctx is not None else None
     if not recording and settings.lean_unsampled:
-        return LeanRequest(state_token, context_token)
+        return LeanRequest(state, state_token, context_token)
     return TracedRequest(
         settings, state, hooks, owned, recording, span_method, state_token, context_token
     )
@@ -119,12 +123,14 @@ def open_server_span(
     name: str,
     ambient: Context,
     parent: Context | None,
+    dropped: trace.Span | None = None,
 ) -> tuple[trace.Span, bool, bool, Context | None]:
     """``(span, owned, recording, context to attach)`` of a request or websocket session.
 
     The SERVER span another layer opened for it, else one of fastprof's own
     (dropped without the SDK when the drop fast path can serve it). ``parent``:
-    the context already extracted from the headers, if the caller did.
+    the context already extracted from the headers, and ``dropped``: the span the
+    drop fast path made from it, if the caller did.
     """
     # The usual case (no native telemetry, an empty context from the server)
     # skips the search for another layer's SERVER span.
@@ -137,6 +143,8 @@ def open_server_span(
         parent = extract_context(headers)
         drop = settings.drop_fast_path
         span = drop(parent) if drop is not None else None
+    else:
+        span = dropped
     if span is None:
         span = settings.tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
         recording = span.is_recording()
@@ -152,9 +160,12 @@ class LeanRequest:
     """What a traced request undoes when it ends; all there is to an unsampled
     request that no hook needs."""
 
-    __slots__ = ("_context_token", "_state_token")
+    __slots__ = ("_context_token", "_state_token", "state")
 
-    def __init__(self, state_token: Token[Any], context_token: Token[Any] | None) -> None:
+    def __init__(
+        self, state: RequestState, state_token: Token[Any], context_token: Token[Any] | None
+    ) -> None:
+        self.state = state
         self._state_token = state_token
         self._context_token = context_token
 
@@ -186,7 +197,6 @@ class TracedRequest(LeanRequest):
         "_span_method",
         "_trailers",
         "_ttfb_s",
-        "state",
     )
 
     def __init__(
@@ -244,6 +254,7 @@ class TracedRequest(LeanRequest):
                 except Exception as exc:
                     _internal_errors.report("hook.on_app_exit", exc)
             self.leave(scope)
+            self.state._release()
 
     def _receive_wrapper(self, receive: Receive) -> Receive:
         async def wrapped_receive() -> Message:
@@ -395,3 +406,13 @@ def _resolve_route_safely(
         return None
 
 
+def _wanted(gates: tuple[Callable[[Scope], bool], ...], scope: Scope) -> bool:
+    """Whether a hook wants this unsampled request (a failing check counts as yes)."""
+    for wants in gates:
+        try:
+            if wants(scope):
+                return True
+        except Exception as exc:
+            _internal_errors.report("hook.wants_unsampled", exc)
+            return True
+    return False

@@ -59,7 +59,11 @@ class Settings:
     #: An unsampled request that no hook needs and whose response fastprof does
     #: not change runs the app with the send/receive callables untouched.
     lean_unsampled: bool
-    #: :attr:`drop_fast_path` when :attr:`lean_unsampled`, else ``None``.
+    #: When not every unsampled request is lean: the ``wants_unsampled`` checks of
+    #: the hooks, if every one of them has one (an unsampled request none of them
+    #: wants is lean), else ``None``.
+    unsampled_gates: tuple[Callable[[Scope], bool], ...] | None
+    #: :attr:`drop_fast_path` when unsampled requests can be lean, else ``None``.
     lean_fast_path: Callable[[Context], Span | None] | None
 
     @classmethod
@@ -93,6 +97,7 @@ class Settings:
         unsampled = HookSet(tuple(h for h in enabled if getattr(h, "unsampled_requests", True)))
         fast = drop_fast_path(tracer)
         lean = unsampled.empty and response_id_key is None
+        gates = None if lean or response_id_key is not None else unsampled.gates
         return cls(
             tracer=tracer,
             drop_fast_path=fast,
@@ -105,7 +110,8 @@ class Settings:
             sampled_hooks=sampled,
             unsampled_hooks=unsampled,
             lean_unsampled=lean,
-            lean_fast_path=fast if lean else None,
+            unsampled_gates=gates,
+            lean_fast_path=fast if lean or gates is not None else None,
         )
 
 

@@ -72,7 +72,7 @@ def start_session(settings: Settings, scope: Scope) -> LeanRequest | WebSocketSe
     state_token = current_request.set(state)
     context_token = attach_context(ctx) if ctx is not None else None
     if not recording and hooks.empty:
-        return LeanRequest(state_token, context_token)
+        return LeanRequest(state, state_token, context_token)
     return WebSocketSession(settings, state, hooks, owned, recording, state_token, context_token)
 
 
@@ -88,7 +88,6 @@ class WebSocketSession(LeanRequest):
         "_recording",
         "_sent",
         "_settings",
-        "state",
     )
 
     def __init__(
@@ -137,6 +136,7 @@ class WebSocketSession(LeanRequest):
                 except Exception as exc:
                     _internal_errors.report("hook.on_app_exit", exc)
             self.leave(scope)
+            state._release()
 
     def _receive_wrapper(self, receive: Receive) -> Receive:
         async def wrapped_receive() -> Message:
