@@ -34,13 +34,14 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import structlog
 from opentelemetry.metrics import MeterProvider
 from starlette.types import Scope
 
+from fastprof import _internal_errors
 from fastprof._context import RequestState, current_request
 from fastprof._frames import is_library
 from fastprof._options import check_int, check_seconds
@@ -188,6 +189,16 @@ class LoopMonitor(RequestHooks):
         self._limiter: Any = None
         self._limiter_checked = 0.0
         self._last_saturation_log: float | None = None
+        #: Lag of the last heartbeat in seconds (read by the health check and metrics).
+        self.lag_s = 0.0
+        self._beat_listeners: tuple[Callable[[float], None], ...] = ()
+
+    def add_beat_listener(self, listener: Callable[[float], None]) -> None:
+        """Call ``listener(lag_s)`` on the loop thread at every heartbeat (keep it cheap).
+
+        Used by :mod:`fastprof.prometheus` and :mod:`fastprof.health`.
+        """
+        self._beat_listeners += (listener,)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -304,6 +315,12 @@ class LoopMonitor(RequestHooks):
     def _on_beat(self, lag: float, block: Block | None) -> None:
         """Loop thread, every heartbeat."""
         self._metrics.lag.record(lag)
+        self.lag_s = lag
+        for listener in self._beat_listeners:
+            try:
+                listener(lag)
+            except Exception as exc:
+                _internal_errors.report("loop.beat_listener", exc)
         if block is not None and not block.reported:
             block.reported = True
             self._report(block, lag)
