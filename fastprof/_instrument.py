@@ -15,6 +15,7 @@ from fastprof._options import check_int
 from fastprof.loop_monitor import LoopMonitor
 from fastprof.middleware import ExcludeOption, FastprofMiddleware, RequestHooks
 from fastprof.profiling import Profiling
+from fastprof.prometheus import PrometheusMetrics
 from fastprof.slow_requests import SlowRequestLog
 
 __all__ = ["instrument"]
@@ -68,6 +69,7 @@ def instrument(
     profiling: Profiling | None = None,
     loop_monitor: LoopMonitor | None = None,
     slow_requests: SlowRequestLog | None = None,
+    metrics: PrometheusMetrics | None = None,
 ) -> AppT:
     """Instrument a Starlette or FastAPI application in place and return it.
 
@@ -80,6 +82,10 @@ def instrument(
     ``"marked"`` (only those declared with :func:`fastprof.Depends` /
     :func:`fastprof.Security`) or ``"off"``; ``max_dependency_spans`` caps them
     per request (0-10000).
+
+    ``metrics`` (a :class:`fastprof.prometheus.PrometheusMetrics`) counts every
+    request, and the loop monitor's and profiling's data given here too; serve it
+    with ``app.add_route("/metrics", metrics.app())`` (see ``docs/deployment.md``).
     """
     if dependencies not in ("all", "marked", "off"):
         raise ValueError(f"dependencies: expected 'all', 'marked' or 'off', got {dependencies!r}")
@@ -99,6 +105,12 @@ def instrument(
         raise ValueError(
             f"slow_requests: expected a fastprof.SlowRequestLog, got {slow_requests!r}"
         )
+    if metrics is not None:
+        if not isinstance(metrics, PrometheusMetrics):
+            raise ValueError(
+                f"metrics: expected a fastprof.prometheus.PrometheusMetrics, got {metrics!r}"
+            )
+        metrics.attach(loop_monitor=loop_monitor, profiling=profiling)
     from fastprof._dependencies import DependencySpans
 
     user_hooks = tuple(hooks)
@@ -113,7 +125,7 @@ def instrument(
             max_spans=max_dependency_spans,
             mode=dependencies,
             # The slow-request log explains unsampled requests too.
-            timings_when_unsampled=slow_requests is not None,
+            timings_when_unsampled=slow_requests is not None or metrics is not None,
             profiled_requests=profiling is not None and profiling.enabled,
         )
     # Order matters. At request start, profiling decides first (before your hooks
@@ -121,7 +133,9 @@ def instrument(
     # is profiled. At request end, dependency timings, the profile id and the
     # loop-blocked time are all set before the slow-request log reads them.
     first_hooks = (profiling,) if profiling is not None else ()
-    extra_hooks = tuple(h for h in (dependency_spans, loop_monitor, slow_requests) if h is not None)
+    extra_hooks = tuple(
+        h for h in (dependency_spans, loop_monitor, slow_requests, metrics) if h is not None
+    )
     options = {
         "tracer_provider": tracer_provider,
         "exclude": exclude,
