@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from starlette.types import Receive, Scope, Send
@@ -84,9 +84,7 @@ class HealthCheck:
         number = int(now / self._slot_s)
         index = number % _SLOTS
         slot_number, slot_max = self._slots[index]
-        if slot_number != number:
-            self._slots[index] = (number, lag)
-        elif lag > slot_max:
+        if slot_number != number or lag > slot_max:
             self._slots[index] = (number, lag)
 
     def max_recent_lag_s(self) -> float | None:
@@ -143,4 +141,17 @@ class HealthCheck:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
-        return health_app
+        return _AsgiApp(health_app)
+
+
+class _AsgiApp:
+    """An ASGI callable that routers mount as an app (a plain function would be
+    taken for a request handler by ``Route``)."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self._call = call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._call(scope, receive, send)

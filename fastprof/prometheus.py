@@ -34,7 +34,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import Receive, Scope, Send
@@ -402,7 +402,7 @@ class PrometheusMetrics(RequestHooks):
                 {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
             )
 
-        return metrics_app
+        return _AsgiApp(metrics_app)
 
 
 def _delta(last: dict[str, int], key: str, value: int) -> int:
@@ -410,3 +410,16 @@ def _delta(last: dict[str, int], key: str, value: int) -> int:
     previous = last.get(key, 0)
     last[key] = value
     return value - previous if value >= previous else value
+
+
+class _AsgiApp:
+    """An ASGI callable that routers mount as an app (a plain function would be
+    taken for a request handler by ``Route``)."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self._call = call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._call(scope, receive, send)
