@@ -123,6 +123,10 @@ class ProfileStore(Protocol):
 class MemoryStore:
     """A ring buffer in memory (the default): per process, lost on restart.
 
+    With several worker processes, each has its own: the viewer of one worker
+    lists only that worker's profiles, and a profile token can be used once per
+    worker. Share a :class:`FileStore` directory between them instead.
+
     Args:
         max_count: Profiles kept; the oldest is evicted first.
         max_bytes: Total size of the documents kept.

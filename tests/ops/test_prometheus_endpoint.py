@@ -172,3 +172,15 @@ def test_without_the_extra_the_error_says_what_to_install(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(ImportError, match=r"fastprof-asgi\[prometheus\]"):
         PrometheusMetrics()
+
+
+def test_importing_fastprof_does_not_import_prometheus_client() -> None:
+    """prometheus_client picks its multi-process mode when first imported: fastprof must
+    not import it before the application creates a PrometheusMetrics."""
+    import subprocess
+
+    script = "import sys, fastprof, fastprof.prometheus; print('prometheus_client' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "False"
