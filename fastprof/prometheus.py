@@ -57,6 +57,7 @@ OTHER: Final = "_other"
 #: Route label of a request that matched no route (404s, ...).
 UNMATCHED: Final = "_unmatched"
 _MAX_LABEL_CHARS: Final = 200
+_MAX_CACHED: Final = 4096
 
 
 def _multiprocess_dir() -> str | None:
@@ -257,7 +258,9 @@ class PrometheusMetrics(RequestHooks):
             ["phase"],
             registry=r,
         )
+        # Label children by raw key (``labels()`` costs microseconds); bounded like the labels.
         self._children: dict[tuple[str, str, str], Any] = {}
+        self._timing_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._loop_monitor: LoopMonitor | None = None
         self._profiling: Profiling | None = None
         self._sync_lock = threading.Lock()
@@ -286,7 +289,9 @@ class PrometheusMetrics(RequestHooks):
         key = (method, route_label, str(status) if status is not None else "none")
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self._request_duration.labels(*key)
+            child = self._request_duration.labels(*key)
+            if len(self._children) < _MAX_CACHED:
+                self._children[key] = child
         child.observe(state.elapsed_s())
         if state.blocked_s > 0.0:
             self._blocked.labels(route_label).inc(state.blocked_s)
@@ -294,13 +299,21 @@ class PrometheusMetrics(RequestHooks):
 
     def on_app_exit(self, state: RequestState) -> None:
         # After yield-dependency teardown (FastAPI >= 0.118 runs it after the response).
+        children = self._timing_children
         for timing in state.timings:
-            kind = self._phases(timing.kind)
-            self._dependency_duration.labels(self._dependencies(timing.name), kind).observe(
-                timing.duration_s
-            )
+            key = (timing.name, timing.kind)
+            pair = children.get(key)
+            if pair is None:
+                kind = self._phases(timing.kind)
+                pair = (
+                    self._dependency_duration.labels(self._dependencies(timing.name), kind),
+                    self._threadpool_wait.labels(kind),
+                )
+                if len(children) < _MAX_CACHED:
+                    children[key] = pair
+            pair[0].observe(timing.duration_s)
             if timing.threadpool_wait_s > 0.0:
-                self._threadpool_wait.labels(kind).observe(timing.threadpool_wait_s)
+                pair[1].observe(timing.threadpool_wait_s)
         if state.dependency_spans_dropped:
             self._dropped.labels("dependency_span").inc(state.dependency_spans_dropped)
         if state.timings_dropped:
