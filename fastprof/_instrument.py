@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
@@ -15,8 +15,10 @@ from fastprof._options import check_int
 from fastprof.loop_monitor import LoopMonitor
 from fastprof.middleware import ExcludeOption, FastprofMiddleware, RequestHooks
 from fastprof.profiling import Profiling
-from fastprof.prometheus import PrometheusMetrics
 from fastprof.slow_requests import SlowRequestLog
+
+if TYPE_CHECKING:
+    from fastprof.prometheus import PrometheusMetrics
 
 __all__ = ["instrument"]
 
@@ -106,6 +108,8 @@ def instrument(
             f"slow_requests: expected a fastprof.SlowRequestLog, got {slow_requests!r}"
         )
     if metrics is not None:
+        from fastprof.prometheus import PrometheusMetrics
+
         if not isinstance(metrics, PrometheusMetrics):
             raise ValueError(
                 f"metrics: expected a fastprof.prometheus.PrometheusMetrics, got {metrics!r}"

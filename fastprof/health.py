@@ -28,8 +28,8 @@ from typing import Any, Final
 
 from starlette.types import Receive, Scope, Send
 
+from fastprof import LoopMonitor
 from fastprof._options import check_int, check_seconds
-from fastprof.loop_monitor import LoopMonitor
 
 __all__ = ["HealthCheck"]
 

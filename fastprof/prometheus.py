@@ -39,16 +39,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import Receive, Scope, Send
 
-from fastprof import _internal_errors
-from fastprof._context import RequestState
+from fastprof import RequestHooks, RequestState, _internal_errors
 from fastprof._http import KNOWN_METHODS, find_header
 from fastprof._options import check_int, check_seconds
 from fastprof.metrics import DURATION_BUCKETS_S
-from fastprof.middleware import RequestHooks
 
 if TYPE_CHECKING:
-    from fastprof.loop_monitor import LoopMonitor
-    from fastprof.profiling import Profiling
+    from fastprof import LoopMonitor, Profiling
 
 __all__ = ["OTHER", "UNMATCHED", "PrometheusMetrics"]
 
