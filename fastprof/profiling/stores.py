@@ -108,6 +108,10 @@ class ProfileStore(Protocol):
     A store may also offer ``put_lazy(meta, encode, size_hint)`` (see
     :meth:`MemoryStore.put_lazy`): fastprof then hands it short profiles
     unencoded, and ``encode()`` makes the document when it is first fetched.
+
+    And ``claim_nonce(nonce, exp, now) -> str | None`` (see
+    :meth:`FileStore.claim_nonce`): profile tokens are then single-use across
+    every process sharing the store. It is called on the event loop: keep it cheap.
     """
 
     def put(self, meta: ProfileMeta, document: bytes) -> None:
