@@ -123,3 +123,27 @@ def test_bad_options_fail_at_start_up_naming_the_option() -> None:
         HealthCheck(monitor, window_s=-1)
     with pytest.raises(ValueError, match="max_threadpool_waiting"):
         HealthCheck(monitor, max_threadpool_waiting=-1)
+
+
+@pytest.mark.anyio
+async def test_a_failing_beat_listener_is_contained(spans) -> None:
+    """A listener that raises is counted as an internal error; the others still run and
+    the monitor keeps beating."""
+    from fastprof import _internal_errors
+
+    monitor = fastprof.LoopMonitor(threshold_s=0.02, max_reports_per_minute=0)
+    seen: list[float] = []
+
+    def broken(lag: float) -> None:
+        raise RuntimeError("listener bug")
+
+    monitor.add_beat_listener(broken)
+    monitor.add_beat_listener(seen.append)
+    monitor.start()
+    try:
+        await asyncio.sleep(0.1)
+    finally:
+        monitor.stop()
+    assert len(seen) >= 2
+    assert monitor.lag_s == seen[-1]
+    assert _internal_errors.counts()["loop.beat_listener"] == len(seen)
