@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import threading
 import time
 import warnings
 
@@ -58,6 +59,26 @@ def test_expired_nonces_are_pruned_and_unexpired_ones_kept(tmp_path) -> None:
     assert sorted(os.listdir(tmp_path / ".nonces")) == ["b" * 22]
     assert store.claim_nonce("c" * 22, int(now[0]) + 100, now[0]) is None
     assert store.claim_nonce("b" * 22, int(now[0]) + 100, now[0]) == "replayed"
+
+
+def test_claims_prune_expired_nonces_in_a_background_thread(tmp_path) -> None:
+    """Every 64 claims a short-lived thread (not the caller, which is the event loop)
+    deletes the nonces of expired tokens and keeps the others."""
+    now = time.time()
+    store = FileStore(tmp_path, clock=lambda: now + 100)  # prunes 100 s from now
+    live = "L" * 22
+    assert store.claim_nonce(live, int(now) + 600, now) is None
+    expired = [f"{i:022d}" for i in range(63)]  # tokens valid for 10 s more
+    for nonce in expired[:-1]:
+        assert store.claim_nonce(nonce, int(now) + 10, now) is None
+    assert len(os.listdir(tmp_path / ".nonces")) == 63
+    assert not [t for t in threading.enumerate() if t.name == "fastprof-nonce-prune"]
+    assert store.claim_nonce(expired[-1], int(now) + 10, now) is None  # the 64th claim
+    deadline = time.monotonic() + 10
+    while os.listdir(tmp_path / ".nonces") != [live] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.listdir(tmp_path / ".nonces") == [live]
+    assert store.claim_nonce(live, int(now) + 600, now) == "replayed"
 
 
 def test_an_unwritable_nonce_directory_fails_closed(tmp_path) -> None:
