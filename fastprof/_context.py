@@ -180,6 +180,13 @@ class RequestState:
         """
         return run_in_worker(self, call)
 
+    @property
+    def dependency_spans_dropped(self) -> int:
+        """Dependency spans left out of this request by ``DependencySpans(max_spans=...)``
+        (while the request runs; 0 without dependency spans)."""
+        tracker = self._dependencies
+        return int(tracker.spans_dropped) if tracker is not None else 0
+
     def _release(self) -> None:
         """The request is over: drop what would keep its objects alive.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 from starlette.applications import Starlette
 
@@ -15,6 +15,9 @@ from fastprof.loop import LoopMonitor
 from fastprof.middleware import FastprofMiddleware, MiddlewareOptions
 from fastprof.profiling import Profiling
 from fastprof.slow_requests import SlowRequestLog
+
+if TYPE_CHECKING:
+    from fastprof.prometheus import PrometheusMetrics
 
 __all__ = ["instrument"]
 
@@ -59,6 +62,7 @@ def instrument(
     profiling: Profiling | None = None,
     loop_monitor: LoopMonitor | None = None,
     slow_requests: SlowRequestLog | None = None,
+    metrics: PrometheusMetrics | None = None,
     **options: Unpack[MiddlewareOptions],
 ) -> AppT:
     """Instrument a Starlette or FastAPI application in place and return it.
@@ -77,6 +81,10 @@ def instrument(
         profiling: On-demand profiles (:class:`~fastprof.Profiling`).
         loop_monitor: Event-loop health (:class:`~fastprof.LoopMonitor`).
         slow_requests: One log line per slow request (:class:`~fastprof.SlowRequestLog`).
+        metrics: Prometheus metrics (a :class:`fastprof.prometheus.PrometheusMetrics`):
+            every request, and the loop monitor's and profiling's data given here
+            too; serve them with ``app.add_route("/metrics", metrics.app())`` (see
+            ``docs/deployment.md``).
         **options: The middleware's options (:class:`~fastprof.FastprofMiddleware`):
             ``tracer_provider``, ``exclude``, ``request_id_header``,
             ``response_request_id_header``, ``query``, ``redact_query_keys``,
@@ -101,8 +109,17 @@ def instrument(
         raise ValueError(
             f"slow_requests: expected a fastprof.SlowRequestLog, got {slow_requests!r}"
         )
+    if metrics is not None:
+        from fastprof.prometheus import PrometheusMetrics
+
+        if not isinstance(metrics, PrometheusMetrics):
+            raise ValueError(
+                f"metrics: expected a fastprof.prometheus.PrometheusMetrics, got {metrics!r}"
+            )
     if getattr(app, _MARKER, False):
         return app
+    if metrics is not None:
+        metrics.attach(loop_monitor=loop_monitor, profiling=profiling)
     user_hooks: tuple[RequestHooks, ...] = tuple(options.get("hooks", ()))
     tracer_provider = options.get("tracer_provider")
     dependency_spans: DependencySpans | None = None
@@ -115,11 +132,11 @@ def instrument(
         dependency_spans = chosen._configured(
             tracer_provider,
             # The slow-request log explains unsampled requests too.
-            timings_when_unsampled=slow_requests is not None,
+            timings_when_unsampled=slow_requests is not None or metrics is not None,
             profiled_requests=profiling is not None and profiling.enabled,
         )
     # The middleware runs them in their declared order (RequestHooks.order).
-    components = (profiling, dependency_spans, loop_monitor, slow_requests)
+    components = (profiling, dependency_spans, loop_monitor, slow_requests, metrics)
     options["hooks"] = user_hooks + tuple(h for h in components if h is not None)
     if profiling is not None:
         # A profiling token in the query string is a credential.

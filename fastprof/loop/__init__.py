@@ -39,11 +39,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from opentelemetry.metrics import MeterProvider
 from starlette.types import Scope
 
+from fastprof import _internal_errors
 from fastprof._context import RequestState, current_request
 from fastprof._options import check_int, check_seconds
 from fastprof.attributes import OPERATION_KIND
@@ -152,6 +154,16 @@ class LoopMonitor(RequestHooks):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[asyncio.Task[Any], _Entry] = {}
         self._threadpool_watch = ThreadpoolWatch(self.saturation_log_interval_s)
+        #: Lag of the last heartbeat in seconds (read by the health check and metrics).
+        self.lag_s = 0.0
+        self._beat_listeners: tuple[Callable[[float], None], ...] = ()
+
+    def add_beat_listener(self, listener: Callable[[float], None]) -> None:
+        """Call ``listener(lag_s)`` on the loop thread at every heartbeat (keep it cheap).
+
+        Used by :mod:`fastprof.prometheus` and :mod:`fastprof.health`.
+        """
+        self._beat_listeners += (listener,)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -267,6 +279,12 @@ class LoopMonitor(RequestHooks):
     def _on_beat(self, lag: float, block: Block | None) -> None:
         """Loop thread, every heartbeat."""
         self._metrics.lag.record(lag)
+        self.lag_s = lag
+        for listener in self._beat_listeners:
+            try:
+                listener(lag)
+            except Exception as exc:
+                _internal_errors.report("loop.beat_listener", exc)
         if block is not None and not block.reported:
             block.reported = True
             self._report(block, lag)

@@ -23,6 +23,7 @@ from fastprof import _internal_errors
 from fastprof._context import RequestState
 from fastprof._http import find_header
 from fastprof._options import check_header_name, check_int, check_rate, check_seconds
+from fastprof._workers import worker_count
 from fastprof.attributes import (
     PROFILE_DATA,
     PROFILE_DATA_DROPPED,
@@ -96,7 +97,9 @@ class Profiling(RequestHooks):
         max_token_ttl_s: Tokens expiring further in the future are refused; also the
             lifetime of entries in the replay cache.
         replay_cache_size: Nonces remembered per process (single use). When full of
-            unexpired nonces, new tokens are refused.
+            unexpired nonces, new tokens are refused. With a store that claims nonces
+            (:class:`~fastprof.profiling.FileStore`) a token is single use across every
+            worker process sharing the store; with the default MemoryStore, per process.
         sample_rate: Fraction of requests profiled, in [0, 1].
         sample_routes: Per route-template rates, e.g. ``{"/items/{item_id}": 0.05}``;
             routes not listed use ``sample_rate``.
@@ -107,7 +110,8 @@ class Profiling(RequestHooks):
         max_per_minute: Profiles started per minute in this process.
         interval_s: pyinstrument sampling interval (default 1 ms).
         max_duration_s: Sampling stops after this long; the profile is marked truncated.
-        store: Where profiles go (default: an in-memory ring buffer of 32).
+        store: Where profiles go (default: an in-memory ring buffer of 32, per
+            process: with several workers use a FileStore on a local directory).
         base_url: Public URL of the mounted viewer; ``fastprof.profile.url`` is
             ``base_url + "/" + id``.
         response_header: Response header giving the profile id to the client that
@@ -194,16 +198,21 @@ class Profiling(RequestHooks):
         self._sample_routes = rules
         self._max_rate = max([self._sample_rate, *rules.values()])
         self._rng = rng if rng is not None else random.random
+        # A store shared by several worker processes (FileStore) makes a token
+        # single-use across all of them.
+        shared_claim = getattr(store, "claim_nonce", None) if self._secrets else None
         self._verifier = TokenVerifier(
             self._secrets,
             max_ttl_s=float(max_token_ttl_s),
-            replay_cache=ReplayCache(replay_cache_size),
+            replay_cache=ReplayCache(replay_cache_size, shared_claim),
             clock=clock if clock is not None else time.time,
         )
         self._budget = Budget(max_concurrent, max_per_minute)
         self.interval_s = float(interval_s)
         self.max_duration_s = float(max_duration_s)
         self.store: ProfileStore = store if store is not None else MemoryStore()
+        if isinstance(self.store, MemoryStore) and (self._secrets or self._max_rate > 0):
+            _warn_if_several_workers()
         self.base_url = base_url.rstrip("/") if base_url is not None else None
         self._response_header = response_header_key
         self._top_frames = top_frames
@@ -459,6 +468,19 @@ class Profiling(RequestHooks):
                 self._count("stored")
 
         return job
+
+
+def _warn_if_several_workers() -> None:
+    """Say at start-up what a per-process MemoryStore means with several workers."""
+    workers = worker_count()
+    if workers > 1:
+        logger.warning(
+            "fastprof: profiles are kept in a per-process MemoryStore while this server "
+            "runs %d workers: the viewer of one worker lists only that worker's profiles "
+            "and a profile token can be used once per worker; pass "
+            "store=fastprof.profiling.FileStore('/some/local/dir') to share them",
+            workers,
+        )
 
 
 def _encode(session: Any, meta: ProfileMeta) -> bytes:

@@ -32,6 +32,8 @@ from typing import Final
 __all__ = [
     "MAX_TOKEN_LENGTH",
     "MIN_SECRET_BYTES",
+    "NONCE_RE",
+    "NonceClaim",
     "ReplayCache",
     "TokenClaims",
     "TokenVerifier",
@@ -44,7 +46,7 @@ MIN_SECRET_BYTES: Final = 32
 MAX_TOKEN_LENGTH: Final = 512
 _VERSION: Final = "v1"
 _SIG_LENGTH: Final = 43  # base64url(32 bytes) without padding
-_NONCE_RE: Final = re.compile(r"[A-Za-z0-9_-]{22}")
+NONCE_RE: Final = re.compile(r"[A-Za-z0-9_-]{22}")
 _B64_RE: Final = re.compile(r"[A-Za-z0-9_-]*")
 _VIEWER_LABEL: Final = b"fastprof viewer token v1"
 
@@ -152,17 +154,28 @@ class TokenClaims:
         self.route = route
 
 
+NonceClaim = Callable[[str, int, float], "str | None"]
+"""``claim(nonce, exp, now)``: claim a nonce for every process sharing it; returns a
+refusal reason (``"replayed"``, ...) or ``None`` when this call claimed it first."""
+
+
 class ReplayCache:
     """Nonces already used, kept until their token expires.
 
     Bounded: when full of unexpired nonces, new tokens are refused (fail
     closed) rather than forgetting a nonce that could then be replayed.
+
+    With ``shared`` (a store's ``claim_nonce``, e.g. :class:`FileStore`'s), a nonce
+    this process has not seen is also claimed there, atomically across every
+    worker process sharing the store; this process's cache then answers repeated
+    replays without asking the store again.
     """
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    def __init__(self, max_entries: int = 10_000, shared: NonceClaim | None = None) -> None:
         self._max = max_entries
         self._seen: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
+        self._shared = shared
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -179,8 +192,17 @@ class ReplayCache:
                     del seen[key]
                 if len(seen) >= self._max:
                     return "replay_cache_full"
-            seen[nonce] = exp
-            return None
+            if self._shared is None:
+                seen[nonce] = exp
+                return None
+        # Outside the lock: the shared claim is atomic by itself (one winner
+        # across processes, and across threads of this one).
+        reason = self._shared(nonce, exp, now)
+        if reason is None or reason == "replayed":
+            with self._lock:
+                if len(self._seen) < self._max:
+                    self._seen[nonce] = exp
+        return reason
 
 
 class TokenVerifier:
@@ -214,7 +236,7 @@ class TokenVerifier:
         if (
             not exp_text.isdigit()
             or len(exp_text) > 12
-            or not _NONCE_RE.fullmatch(nonce)
+            or not NONCE_RE.fullmatch(nonce)
             or len(sig) != _SIG_LENGTH
             or not _B64_RE.fullmatch(sig)
             or not _B64_RE.fullmatch(scope)

@@ -25,6 +25,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 
 from fastprof import _internal_errors
 from fastprof._options import check_int, check_seconds
+from fastprof.profiling._tokens import NONCE_RE
 
 __all__ = ["FileStore", "MemoryStore", "ProfileMeta", "ProfileStore", "valid_profile_id"]
 
@@ -32,6 +33,15 @@ _ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 _SUFFIX: Final = ".profile"
 #: A profile file's metadata header is at most this long (it is a few hundred bytes).
 _MAX_HEADER: Final = 64 * 1024
+#: Subdirectory of a FileStore holding the nonces of used profile tokens.
+_NONCE_DIR: Final = ".nonces"
+#: A process prunes the nonces after this many claims (and when they are full).
+_NONCE_PRUNE_EVERY: Final = 64
+_NONCE_PRUNE_MIN_INTERVAL_S: Final = 1.0
+#: A nonce file whose expiry was never written is kept this long (the longest
+#: ``max_token_ttl_s`` Profiling accepts).
+_NONCE_MAX_TTL_S: Final = 7 * 86400.0 + 1.0
+_O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 
 
 def valid_profile_id(profile_id: object) -> bool:
@@ -98,6 +108,10 @@ class ProfileStore(Protocol):
     A store may also offer ``put_lazy(meta, encode, size_hint)`` (see
     :meth:`MemoryStore.put_lazy`): fastprof then hands it short profiles
     unencoded, and ``encode()`` makes the document when it is first fetched.
+
+    And ``claim_nonce(nonce, exp, now) -> str | None`` (see
+    :meth:`FileStore.claim_nonce`): profile tokens are then single-use across
+    every process sharing the store. It is called on the event loop: keep it cheap.
     """
 
     def put(self, meta: ProfileMeta, document: bytes) -> None:
@@ -112,6 +126,10 @@ class ProfileStore(Protocol):
 
 class MemoryStore:
     """A ring buffer in memory (the default): per process, lost on restart.
+
+    With several worker processes, each has its own: the viewer of one worker
+    lists only that worker's profiles, and a profile token can be used once per
+    worker. Share a :class:`FileStore` directory between them instead.
 
     Args:
         max_count: Profiles kept; the oldest is evicted first.
@@ -240,12 +258,20 @@ class FileStore:
     ``max_bytes``. Pruning by several processes at once is safe (a file another
     process already removed is skipped).
 
+    It also keeps the nonces of used profile tokens (:meth:`claim_nonce`), in the
+    subdirectory ``.nonces``: a token is single-use across every worker process
+    that shares the directory (on one host: a local disk or tmpfs, not a network
+    file system).
+
     Args:
         directory: Where to keep profiles (created if missing).
         max_count: Profiles kept.
         max_bytes: Total size of profile files kept; a larger single profile is
             not written.
         ttl_s: Age after which a profile is deleted (and no longer served).
+        max_nonces: Used-token nonces kept until their token expires. When that
+            many unexpired ones are kept, further tokens are refused
+            (``replay_cache_full``) rather than risking a replay.
     """
 
     def __init__(
@@ -255,6 +281,7 @@ class FileStore:
         max_count: int = 200,
         max_bytes: int = 256 * 1024 * 1024,
         ttl_s: float = 7 * 24 * 3600.0,
+        max_nonces: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         _check_caps(max_count, max_bytes, ttl_s)
@@ -264,8 +291,121 @@ class FileStore:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
+        self.max_nonces = check_int("max_nonces", max_nonces, 1, 10_000_000)
         self._clock = clock
         self._lock = threading.Lock()
+        self._nonce_dir = os.path.join(self.directory, _NONCE_DIR)
+        self._nonce_lock = threading.Lock()
+        self._nonce_claims = 0  # claims since the last prune of the nonces
+        self._nonces_full = False
+        self._nonce_pruning = False
+        self._nonce_pruned_at = 0.0
+
+    # -- used-token nonces (shared single use) --------------------------------
+
+    def claim_nonce(self, nonce: str, exp: int, now: float) -> str | None:
+        """Claim a profile token's nonce for every process sharing this directory.
+
+        Returns ``None`` when this call claimed it, else a refusal reason:
+        ``"replayed"`` (already claimed, by any process), ``"replay_cache_full"``
+        or ``"replay_check_failed"`` (the directory is not writable: fail closed).
+
+        Called on the event loop by fastprof's token check, for tokens whose
+        signature verified and that this process has not seen: one exclusive file
+        creation (``O_CREAT | O_EXCL``, atomic across processes) and one ``utime``
+        that dates the file at the token's expiry, tens of microseconds on a local
+        disk. Expired nonces are deleted by a short-lived background thread, never
+        on the loop.
+        """
+        if not NONCE_RE.fullmatch(nonce):
+            return "malformed"
+        if self._nonces_full:
+            self._schedule_nonce_prune(now)
+            return "replay_cache_full"
+        path = os.path.join(self._nonce_dir, nonce)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _O_NOFOLLOW
+        try:
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileNotFoundError:
+                os.makedirs(self._nonce_dir, mode=0o700, exist_ok=True)
+                fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            return "replayed"
+        except OSError as exc:
+            _internal_errors.report("profile.nonce_claim", exc)
+            return "replay_check_failed"
+        try:
+            os.utime(fd, (exp, exp))  # the mtime says when the nonce may be forgotten
+        except OSError as exc:  # the file is kept for the longest token lifetime instead
+            _internal_errors.report("profile.nonce_claim", exc)
+        finally:
+            os.close(fd)
+        with self._nonce_lock:
+            self._nonce_claims += 1
+            due = self._nonce_claims >= _NONCE_PRUNE_EVERY
+        if due:
+            self._schedule_nonce_prune(now)
+        return None
+
+    def _schedule_nonce_prune(self, now: float) -> None:
+        with self._nonce_lock:
+            if self._nonce_pruning or now - self._nonce_pruned_at < _NONCE_PRUNE_MIN_INTERVAL_S:
+                return
+            self._nonce_pruning = True
+            self._nonce_claims = 0
+            self._nonce_pruned_at = now
+        try:
+            threading.Thread(
+                target=self._prune_nonces_job, name="fastprof-nonce-prune", daemon=True
+            ).start()
+        except Exception as exc:  # pragma: no cover - no threads left
+            with self._nonce_lock:
+                self._nonce_pruning = False
+            _internal_errors.report("profile.nonce_prune", exc)
+
+    def _prune_nonces_job(self) -> None:
+        try:
+            self.prune_nonces()
+        except Exception as exc:
+            _internal_errors.report("profile.nonce_prune", exc)
+        finally:
+            with self._nonce_lock:
+                self._nonce_pruning = False
+
+    def prune_nonces(self) -> int:
+        """Delete the nonces of expired tokens; return how many unexpired ones are kept.
+
+        Not for the event loop (it lists the directory). Safe with several
+        processes pruning at once.
+        """
+        now = self._clock()
+        kept = 0
+        try:
+            entries = os.scandir(self._nonce_dir)
+        except FileNotFoundError:
+            self._nonces_full = False
+            return 0
+        with entries:
+            for entry in entries:
+                if not NONCE_RE.fullmatch(entry.name):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                # ``utime`` set the mtime to the token's expiry, after the file's
+                # creation; a file it never dated is kept for the longest lifetime.
+                expiry = (
+                    st.st_mtime if st.st_mtime > st.st_ctime else st.st_ctime + _NONCE_MAX_TTL_S
+                )
+                if expiry < now:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                else:
+                    kept += 1
+        self._nonces_full = kept >= self.max_nonces
+        return kept
 
     def _ensure_dir(self) -> None:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
