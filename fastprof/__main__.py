@@ -5,6 +5,7 @@
     fastprof token --secret-env FASTPROF_SECRET --ttl 300 [--route /items/{item_id}] [--method GET]
     fastprof viewer-token --secret-env FASTPROF_SECRET
     fastprof profile get <id> --url https://host/_fastprof/profiles [--format html] [-o file]
+    fastprof run [--host H --port P --workers N --reload ...] main:app
 
 Secrets are read from environment variables, never from arguments (which end up
 in shell history and process listings).
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--viewer-token-env", help="variable holding the viewer bearer token instead")
     get.add_argument("--timeout", type=float, default=30.0)
     get.set_defaults(func=_cmd_profile_get)
+
+    from fastprof._runner import add_parser as add_run_parser
+
+    add_run_parser(sub)
     return parser
 
 

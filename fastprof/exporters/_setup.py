@@ -15,6 +15,16 @@ from fastprof.exporters.otlp import otlp_span_processor
 __all__ = ["setup_tracing"]
 
 
+def span_limits(max_attribute_length: int = 4096) -> SpanLimits:
+    """fastprof's bounded span limits (OpenTelemetry's default attribute length is unlimited)."""
+    return SpanLimits(
+        max_attribute_length=max_attribute_length,
+        max_span_attributes=128,
+        max_events=128,
+        max_event_attributes=32,
+    )
+
+
 def setup_tracing(
     service_name: str,
     *,
@@ -41,12 +51,7 @@ def setup_tracing(
         raise ValueError("setup_tracing: enable at least one of otlp_endpoint or console")
     provider = TracerProvider(
         resource=Resource.create({"service.name": service_name}),
-        span_limits=SpanLimits(
-            max_attribute_length=max_attribute_length,
-            max_span_attributes=128,
-            max_events=128,
-            max_event_attributes=32,
-        ),
+        span_limits=span_limits(max_attribute_length),
     )
     if otlp_endpoint:
         provider.add_span_processor(otlp_span_processor(otlp_endpoint))

@@ -1,15 +1,134 @@
 """OTLP span export with production-safe settings (Jaeger ingests OTLP on 4317/4318).
 
-Requires the ``otlp`` extra: ``pip install 'fastprof-asgi[otlp]'``.
+Requires the ``otlp`` extra: ``pip install 'fastprof-asgi[otlp]'`` (``grpc`` for
+``protocol="grpc"``: ``pip install 'fastprof-asgi[grpc]'``).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-__all__ = ["otlp_span_processor"]
+__all__ = ["OtlpProtocol", "otlp_span_processor"]
+
+logger = logging.getLogger("fastprof.exporters")
+
+OtlpProtocol = Literal["http/protobuf", "grpc"]
+
+_COMPRESSIONS: Final = ("gzip", "deflate", "none")
+
+
+def _bounded(call: Callable[[], object], timeout_s: float) -> bool:
+    """Run ``call`` in a daemon thread and wait at most ``timeout_s`` for it.
+
+    The OpenTelemetry SDK bounds neither ``force_flush`` (its timeout is ignored)
+    nor, before 1.33, ``shutdown``: with a collector that accepts connections and
+    never answers, every queued batch waits out the export timeout in turn. A
+    thread still exporting after the deadline is a daemon: it cannot hold the
+    process up.
+    """
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:  # the SDK's own failure: report, don't raise at shutdown
+            logger.warning("fastprof: span export flush failed: %r", exc)
+            outcome.append(False)
+
+    thread = threading.Thread(target=run, name="fastprof-span-flush", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(outcome and outcome[0] is not False)
+
+
+class _BoundedBatchSpanProcessor(BatchSpanProcessor):
+    """A ``BatchSpanProcessor`` whose ``force_flush`` and ``shutdown`` return in bounded time.
+
+    ``shutdown`` runs within ``shutdown_timeout_s``; after the deadline the exporter is
+    shut down too (which stops its retries) and the spans still queued are dropped.
+    """
+
+    def __init__(self, exporter: SpanExporter, *, shutdown_timeout_s: float, **kw: Any) -> None:
+        super().__init__(exporter, **kw)
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._closed = False
+
+    def force_flush(self, timeout_millis: int | None = None) -> bool:
+        timeout_s = self._shutdown_timeout_s if timeout_millis is None else timeout_millis / 1000
+        return _bounded(lambda: super(_BoundedBatchSpanProcessor, self).force_flush(
+            int(timeout_s * 1000)
+        ), timeout_s)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not _bounded(super().shutdown, self._shutdown_timeout_s):
+            logger.warning(
+                "fastprof: spans not exported within %gs at shutdown were dropped",
+                self._shutdown_timeout_s,
+            )
+            _bounded(self.span_exporter.shutdown, 0.5)
+
+
+def _exporter_class(protocol: OtlpProtocol) -> Any:
+    """The exporter class for ``protocol``; ImportError naming the extra if missing."""
+    try:
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcSpanExporter,
+            )
+
+            return GrpcSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter
+    except ImportError as exc:
+        extra = "grpc" if protocol == "grpc" else "otlp"
+        raise ImportError(
+            f"OTLP export over {protocol} needs the {extra} extra: "
+            f"pip install 'fastprof-asgi[{extra}]'"
+        ) from exc
+
+
+def _exporter(
+    protocol: OtlpProtocol,
+    endpoint: str,
+    headers: dict[str, str] | None,
+    timeout_s: float,
+    compression: str | None,
+) -> SpanExporter:
+    cls = _exporter_class(protocol)
+    if protocol == "grpc":
+        from grpc import Compression as GrpcCompression
+
+        grpc_compression = {
+            None: None,
+            "none": GrpcCompression.NoCompression,
+            "gzip": GrpcCompression.Gzip,
+            "deflate": GrpcCompression.Deflate,
+        }[compression]
+        exporter: SpanExporter = cls(
+            endpoint=endpoint,
+            insecure=endpoint.startswith("http://"),
+            headers=headers,
+            timeout=timeout_s,
+            compression=grpc_compression,
+        )
+        return exporter
+    from opentelemetry.exporter.otlp.proto.http import Compression
+
+    http_compression = None if compression is None else Compression(compression)
+    exporter = cls(
+        endpoint=endpoint, headers=headers, timeout=timeout_s, compression=http_compression
+    )
+    return exporter
 
 
 def otlp_span_processor(
@@ -20,8 +139,11 @@ def otlp_span_processor(
     max_queue_size: int = 8192,
     max_export_batch_size: int = 512,
     schedule_delay_s: float = 1.0,
+    protocol: OtlpProtocol = "http/protobuf",
+    compression: Literal["gzip", "deflate", "none"] | None = None,
+    shutdown_timeout_s: float = 3.0,
 ) -> BatchSpanProcessor:
-    """A bounded, non-blocking OTLP/HTTP span processor.
+    """A bounded, non-blocking OTLP span processor.
 
     Spans are queued (at most ``max_queue_size``; beyond that they are dropped,
     never blocking the request) and exported from a background thread with an
@@ -29,10 +151,23 @@ def otlp_span_processor(
     exporter in production: with the collector down it blocks every span end
     for seconds.
 
+    ``force_flush()`` and ``shutdown()`` return within ``shutdown_timeout_s``
+    (``force_flush`` within its ``timeout_millis`` if given) even when the
+    collector accepts connections and never answers: spans not exported by then
+    are dropped. The SDK's own processor can take 30 s there, longer than many
+    orchestrators' grace period.
+
+    Args:
+        endpoint: The traces URL: ``http(s)://host:4318/v1/traces`` for
+            ``http/protobuf``, ``http(s)://host:4317`` for ``grpc``.
+        protocol: ``"http/protobuf"`` or ``"grpc"`` (the ``grpc`` extra).
+        compression: ``"gzip"``, ``"deflate"`` (HTTP only) or ``"none"``;
+            ``None`` lets the exporter read ``OTEL_EXPORTER_OTLP_*COMPRESSION``.
+
     Raises:
         ValueError: ``endpoint`` is not an ``http(s)://host[:port]/...`` URL or a
             bound is out of range.
-        ImportError: the ``otlp`` extra is not installed.
+        ImportError: the ``otlp`` (or ``grpc``) extra is not installed.
     """
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -48,15 +183,16 @@ def otlp_span_processor(
         )
     if not 0 < schedule_delay_s <= 60:
         raise ValueError("schedule_delay_s: expected a number of seconds in (0, 60]")
-    try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    except ImportError as exc:
-        raise ImportError(
-            "OTLP export needs the otlp extra: pip install 'fastprof-asgi[otlp]'"
-        ) from exc
-    exporter = OTLPSpanExporter(endpoint=endpoint, headers=headers, timeout=timeout_s)
-    return BatchSpanProcessor(
+    if protocol not in ("http/protobuf", "grpc"):
+        raise ValueError(f"protocol: expected 'http/protobuf' or 'grpc', got {protocol!r}")
+    if compression is not None and compression not in _COMPRESSIONS:
+        raise ValueError(f"compression: expected one of {_COMPRESSIONS}, got {compression!r}")
+    if not 0 < shutdown_timeout_s <= 60:
+        raise ValueError("shutdown_timeout_s: expected a number of seconds in (0, 60]")
+    exporter = _exporter(protocol, endpoint, headers, timeout_s, compression)
+    return _BoundedBatchSpanProcessor(
         exporter,
+        shutdown_timeout_s=shutdown_timeout_s,
         max_queue_size=max_queue_size,
         max_export_batch_size=max_export_batch_size,
         schedule_delay_millis=schedule_delay_s * 1000,
