@@ -409,7 +409,13 @@ def _profiling(env: _Env) -> tuple[Profiling | None, str | None]:
     secrets = [s for s in (env.raw("FASTPROF_SECRET"),) if s]
     if env.raw("FASTPROF_PREVIOUS_SECRETS") is not None and not secrets:
         raise ValueError("FASTPROF_PREVIOUS_SECRETS: set FASTPROF_SECRET too (it signs tokens)")
-    secrets += env.items("FASTPROF_PREVIOUS_SECRETS") or []
+    previous = env.items("FASTPROF_PREVIOUS_SECRETS") or []
+    if previous:
+        from fastprof.profiling._tokens import normalize_secrets
+
+        _build(lambda **kw: normalize_secrets(kw["secret"], "secret"), env,
+               {"secret": "FASTPROF_PREVIOUS_SECRETS"}, {"secret": previous})
+    secrets += previous
     if secrets:
         kwargs["secret"] = secrets[0] if len(secrets) == 1 else secrets
     for option, name in _PROFILING_NUMBERS.items():

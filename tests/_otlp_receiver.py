@@ -18,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 class Received:
     def __init__(self) -> None:
         self.requests: list[ExportTraceServiceRequest] = []
+        self.headers: list[dict[str, str]] = []  # of each request, lower-case names
         self.lock = threading.Lock()
 
     def spans(self) -> list[tuple[dict[str, Any], Any]]:
@@ -54,6 +55,7 @@ def otlp_receiver() -> Iterator[tuple[str, Received]]:
             request.ParseFromString(body)
             with received.lock:
                 received.requests.append(request)
+                received.headers.append({k.lower(): v for k, v in self.headers.items()})
             payload = ExportTraceServiceResponse().SerializeToString()
             self.send_response(200)
             self.send_header("content-type", "application/x-protobuf")

@@ -139,3 +139,39 @@ def test_console_printer_prints_spans_that_end_after_their_trace() -> None:
     text = out.getvalue()
     assert text.startswith("GET /x  ")
     assert "(ended after the request span) teardown get_db  " in text
+
+
+@pytest.mark.parametrize("how", ["shutdown", "force_flush"])
+def test_flush_and_shutdown_are_bounded_when_the_collector_never_answers(how: str) -> None:
+    """The SDK's processor took 30 s here (every queued batch waits out the export
+    timeout in turn); fastprof's returns within shutdown_timeout_s."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # accepts connections, never answers
+    try:
+        provider = setup_tracing(
+            "svc", otlp_endpoint=f"http://127.0.0.1:{listener.getsockname()[1]}/v1/traces",
+            set_global=False,
+        )
+        tracer = provider.get_tracer("t")
+        for _ in range(2000):  # 4 batches of 512: 4 x 5 s export timeouts unbounded
+            tracer.start_span("s").end()
+        started = time.monotonic()
+        if how == "shutdown":
+            provider.shutdown()
+        else:
+            assert provider.force_flush(500) is False
+        assert time.monotonic() - started < 4.0
+        if how == "force_flush":
+            threading.Thread(target=provider.shutdown, daemon=True).start()
+    finally:
+        listener.close()
+
+
+def test_otlp_processor_validates_its_new_options() -> None:
+    with pytest.raises(ValueError, match="protocol"):
+        otlp_span_processor(protocol="http/json")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="compression"):
+        otlp_span_processor(compression="br")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shutdown_timeout_s"):
+        otlp_span_processor(shutdown_timeout_s=0)
