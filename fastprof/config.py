@@ -460,6 +460,11 @@ def _profiling(env: _Env) -> tuple[Profiling | None, str | None]:
             store_kwargs[option] = value
     directory = env.text("FASTPROF_PROFILING_STORE_DIR")
     if directory is not None:
+        # Created on first use: refuse now what could never work then.
+        if not os.path.isabs(directory) or (
+            os.path.exists(directory) and not os.path.isdir(directory)
+        ):
+            raise env.error("FASTPROF_PROFILING_STORE_DIR", "an absolute path to a directory")
         kwargs["store"] = _build(FileStore, env, _STORE_NAMES, {"directory": directory,
                                                                 **store_kwargs})
     elif store_kwargs:
@@ -762,6 +767,7 @@ def check_environ(environ: Mapping[str, str] | None = None) -> None:
         _exporter_class(settings["otlp"]["protocol"])
     if env.raw("FASTPROF_APP") is not None and ":" not in (env.text("FASTPROF_APP") or ""):
         raise env.error("FASTPROF_APP", "an import string 'module:attribute', e.g. main:app")
+    env.boolean("FASTPROF_APP_FACTORY")
 
 
 def setup_tracing_from_env(
@@ -898,7 +904,7 @@ def instrument_from_env(app: AppT, environ: Mapping[str, str] | None = None) -> 
         ValueError: a variable has a bad value; the message names it.
     """
     config = from_environ(environ)
-    if not config.enabled:
+    if not config.enabled or getattr(app, "_fastprof_from_env", False):
         return app
     if not isinstance(app, Starlette):
         raise ValueError(
@@ -915,4 +921,5 @@ def instrument_from_env(app: AppT, environ: Mapping[str, str] | None = None) -> 
     if config.viewer_path is not None and isinstance(profiling, Profiling):
         app.mount(config.viewer_path, profiling.viewer())
     _flush_at_shutdown(app, config.shutdown_timeout_s)
+    setattr(app, "_fastprof_from_env", True)  # noqa: B010 - not an attribute of Starlette
     return app

@@ -3,7 +3,6 @@ value fails at start-up with a message naming the variable."""
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 from pathlib import Path
@@ -147,6 +146,51 @@ def test_file_store_directory(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="^FASTPROF_PROFILING_STORE_MAX_COUNT"):
         check_environ({"FASTPROF_SECRET": SECRET, "FASTPROF_PROFILING_STORE_DIR": str(tmp_path),
                        "FASTPROF_PROFILING_STORE_MAX_COUNT": "0"})
+
+
+@pytest.mark.parametrize("bad", ["relative/dir", "FILE"])
+def test_file_store_directory_bad_value(tmp_path: Path, bad: str) -> None:
+    if bad == "FILE":
+        bad = str(tmp_path / "a-file")
+        Path(bad).write_text("")
+    with pytest.raises(ValueError, match="^FASTPROF_PROFILING_STORE_DIR: expected an absolute"):
+        check_environ({"FASTPROF_SECRET": SECRET, "FASTPROF_PROFILING_STORE_DIR": bad})
+
+
+def test_app_factory_bad_value() -> None:
+    with pytest.raises(ValueError, match="^FASTPROF_APP_FACTORY: expected true or false"):
+        check_environ({"FASTPROF_APP": "main:app", "FASTPROF_APP_FACTORY": "perhaps"})
+
+
+@pytest.mark.anyio
+async def test_viewer_is_mounted_at_the_viewer_path() -> None:
+    from fastprof.profiling import viewer_token
+
+    app = fastprof.config.instrument_from_env(
+        Starlette(routes=[Route("/x", lambda r: PlainTextResponse("ok"))]),
+        {"OTEL_SDK_DISABLED": "true", "FASTPROF_SECRET": SECRET,
+         "FASTPROF_PROFILING_VIEWER_PATH": "/_fastprof/profiles"},
+    )
+    auth = {"authorization": f"Bearer {viewer_token(SECRET)}"}
+    assert (await request(app, "/_fastprof/profiles/", headers=auth)).status_code == 200
+    assert (await request(app, "/_fastprof/profiles/")).status_code == 404  # the viewer's
+    assert (await request(app, "/nothing-here/", headers=auth)).status_code == 404
+
+
+def test_instrument_from_env_twice_is_a_no_op() -> None:
+    env = {"OTEL_SDK_DISABLED": "true", "FASTPROF_SECRET": SECRET,
+           "FASTPROF_PROFILING_VIEWER_PATH": "/_p"}
+    app = fastprof.config.instrument_from_env(starlette_app(), env)
+    routes, lifespan = list(app.routes), app.router.lifespan_context
+    assert fastprof.config.instrument_from_env(app, env) is app
+    assert list(app.routes) == routes
+    assert app.router.lifespan_context is lifespan
+
+
+def test_every_variable_has_a_test() -> None:
+    here = Path(__file__).parent
+    source = "".join(p.read_text() for p in here.glob("test_*.py"))
+    assert [name for name in VARIABLES if name not in source.replace(name + "_", "")] == []
 
 
 def test_components_are_off_unless_asked_for() -> None:
@@ -442,17 +486,51 @@ def test_console_exporter(capsys: pytest.CaptureFixture[str]) -> None:
     tp.shutdown()
 
 
-def test_grpc_protocol_needs_its_extra_or_builds() -> None:
-    try:
-        import opentelemetry.exporter.otlp.proto.grpc  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match=re.escape("fastprof-asgi[grpc]")):
-            check_environ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
-    else:  # pragma: no cover - with the extra installed
-        check_environ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+def test_grpc_protocol_exports_to_a_real_grpc_receiver() -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc (the grpc extra): endpoint used as-is, headers
+    as metadata; gzip accepted (gRPC hides the encoding from the servicer)."""
+    from tests._otlp_grpc_receiver import otlp_grpc_receiver
+
+    with otlp_grpc_receiver() as (endpoint, received):
+        _export_one(
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_HEADERS": "api-key=k1",
+                "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+                "OTEL_SERVICE_NAME": "over-grpc",
+            }
+        )
+    [(resource, span)] = received.spans()
+    assert span.name == "one"
+    assert resource["service.name"] == "over-grpc"
+    assert received.metadata[0]["api-key"] == "k1"
+
+
+def test_grpc_protocol_validation() -> None:
     with pytest.raises(ValueError, match="^OTEL_EXPORTER_OTLP_COMPRESSION"):
         check_environ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
                        "OTEL_EXPORTER_OTLP_COMPRESSION": "deflate"})
+
+
+def test_a_missing_exporter_extra_fails_at_start_up_naming_it() -> None:
+    """Without the grpc extra, grpc fails at start-up (in check_environ, before workers)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "sys.modules['opentelemetry.exporter.otlp.proto.grpc'] = None\n"
+        "sys.modules['opentelemetry.exporter.otlp.proto.grpc.trace_exporter'] = None\n"
+        "from fastprof.config import check_environ\n"
+        "try:\n"
+        "    check_environ({'OTEL_EXPORTER_OTLP_PROTOCOL': 'grpc'})\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=20)
+    assert "pip install 'fastprof-asgi[grpc]'" in out.stdout, out.stderr
 
 
 def test_span_attributes_are_bounded() -> None:
