@@ -37,7 +37,7 @@ def otlp_grpc_receiver() -> Iterator[tuple[str, GrpcReceived]]:
     received = GrpcReceived()
 
     class Service(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's name
+        def Export(self, request: Any, context: Any) -> Any:  # gRPC names the method
             with received.lock:
                 received.requests.append(request)
                 received.metadata.append(dict(context.invocation_metadata()))
