@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from opentelemetry.sdk.trace import sampling
@@ -40,6 +41,37 @@ def slow(env: dict[str, str]) -> Any:
     return opts(env)["slow_requests"]
 
 
+def dependency_spans(env: dict[str, str]) -> list[str]:
+    """Names of the dependency spans of one request to a FastAPI app instrumented with
+    the options of ``env``."""
+    from fastapi import Depends, FastAPI
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    def plain() -> int:
+        return 1
+
+    def marked() -> int:
+        return 2
+
+    app = FastAPI()
+
+    @app.get("/d")
+    async def endpoint(a: int = Depends(plain), b: int = fastprof.Depends(marked)) -> int:
+        return a + b
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    fastprof.instrument(app, tracer_provider=provider, **opts(env))
+    anyio.run(request, app, "/d")
+    return sorted(
+        s.name.rpartition(".")[2] for s in exporter.get_finished_spans()
+        if s.name.startswith("dependency")
+    )
+
+
 # (variable, good value, what it sets given the environment, expected, bad value)
 CASES: list[tuple[str, str, Any, Any, str]] = [
     ("FASTPROF_ENABLED", "false", lambda e: from_environ(e).enabled, False, "maybe"),
@@ -58,9 +90,9 @@ CASES: list[tuple[str, str, Any, Any, str]] = [
      "3"),
     ("FASTPROF_HOOKS", "tests.deploy.hooks_fixture:hooks", lambda e:
      type(opts(e)["hooks"][0]).__name__, "Counter", "tests.deploy.hooks_fixture:nothing"),
-    ("FASTPROF_DEPENDENCIES", "marked", lambda e: opts(e)["dependencies"], "marked", "some"),
-    ("FASTPROF_DEPENDENCIES_MAX_SPANS", "12", lambda e: opts(e)["max_dependency_spans"], 12,
-     "-1"),
+    ("FASTPROF_DEPENDENCIES", "marked", lambda e: dependency_spans(e), ["marked"],
+     "some"),
+    ("FASTPROF_DEPENDENCIES_MAX_SPANS", "1", lambda e: len(dependency_spans(e)), 1, "-1"),
     ("FASTPROF_PROFILING", "false", lambda e: opts({"FASTPROF_SECRET": SECRET, **e})[
         "profiling"], None, "perhaps"),
     ("FASTPROF_SECRET", SECRET, lambda e: opts(e)["profiling"].enabled, True, "short"),
@@ -198,7 +230,8 @@ def test_components_are_off_unless_asked_for() -> None:
     assert options["profiling"] is None
     assert options["loop_monitor"] is None
     assert options["slow_requests"] is None
-    assert options["dependencies"] == "all"
+    assert dependency_spans({}) == ["marked", "plain"]
+    assert dependency_spans({"FASTPROF_DEPENDENCIES": "off"}) == []
 
 
 def test_unknown_fastprof_variable_is_reported(caplog: pytest.LogCaptureFixture) -> None:
