@@ -56,6 +56,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     app_dir = os.path.abspath(args.app_dir)
     if app_dir not in sys.path:
         sys.path.insert(0, app_dir)
+    import importlib.util
+
+    module = args.app.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        # Each worker would fail to import it and be restarted, forever.
+        print(f"fastprof: cannot find module {module!r} (from {app_dir})", file=sys.stderr)
+        return 2
     from fastprof.config import check_environ
 
     try:

@@ -125,6 +125,20 @@ def test_a_bad_variable_fails_at_start_up_naming_it(tmp_path: Path) -> None:
     assert "'sometimes'" in out.stderr
 
 
+def test_an_app_module_that_does_not_exist_fails_at_start_up(tmp_path: Path) -> None:
+    """Not a worker restart loop: uvicorn restarts workers that die at import."""
+    out = subprocess.run(
+        [str(BIN / "fastprof"), "run", "--workers", "2", "no_such_module:app"],
+        env=environment({}),
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert out.returncode == 2
+    assert "cannot find module 'no_such_module'" in out.stderr
+
+
 def test_factory_and_reload(tmp_path: Path) -> None:
     """--factory calls the attribute; --reload serves through uvicorn's reloader process."""
     env = environment({"OTEL_TRACES_EXPORTER": "console"})
