@@ -34,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     run.add_argument(
         "--timeout-graceful-shutdown", type=int, default=None, help="seconds (uvicorn's)"
     )
+    run.add_argument("--timeout-keep-alive", type=int, default=5, help="seconds (default 5)")
+    run.add_argument("--limit-concurrency", type=int, default=None)
+    run.add_argument("--ssl-keyfile", default=None)
+    run.add_argument("--ssl-certfile", default=None)
     run.set_defaults(func=_cmd_run)
 
 
@@ -96,5 +100,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=not args.no_access_log,
         timeout_graceful_shutdown=args.timeout_graceful_shutdown,
+        timeout_keep_alive=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
     )
     return 0

@@ -44,6 +44,7 @@ __all__ = [
     "check_environ",
     "from_environ",
     "instrument_from_env",
+    "resource_from_env",
     "setup_tracing_from_env",
 ]
 
@@ -663,6 +664,17 @@ def _sampler(env: _Env) -> Any:
         "traceidratio": sampling.TraceIdRatioBased(ratio),
     }[name.removeprefix("parentbased_")]
     return sampling.ParentBased(root) if name.startswith("parentbased_") else root
+
+
+def resource_from_env(environ: Mapping[str, str] | None = None) -> Any:
+    """The OpenTelemetry ``Resource`` fastprof gives its providers: ``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES`` and this process's ``process.pid`` (call it in the
+    worker, after the fork). Use it for a meter provider so metrics and spans agree.
+
+    Raises:
+        ValueError: a variable has a bad value; the message names it.
+    """
+    return _resource(_Env(os.environ if environ is None else environ))
 
 
 def _resource(env: _Env) -> Any:

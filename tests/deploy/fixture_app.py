@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from fastapi import Depends, FastAPI
@@ -15,7 +16,8 @@ def settings() -> dict[str, str]:
 
 @app.get("/items/{item_id}")
 async def item(item_id: int, s: dict[str, str] = Depends(settings)) -> dict[str, object]:
-    return {"item_id": item_id, "pid": os.getpid(), **s}
+    loop = type(asyncio.get_running_loop()).__module__
+    return {"item_id": item_id, "pid": os.getpid(), "loop": loop, **s}
 
 
 @app.get("/healthz")

@@ -411,6 +411,8 @@ def test_service_name_and_resource_attributes() -> None:
     assert resource["team"] == "a b"
     assert resource["process.pid"] == os.getpid()
     assert provider({}).resource.attributes["service.name"].startswith("unknown_service")
+    shared = fastprof.config.resource_from_env({"OTEL_SERVICE_NAME": "orders"}).attributes
+    assert (shared["service.name"], shared["process.pid"]) == ("orders", os.getpid())
 
 
 def test_configured_provider_is_never_replaced() -> None:

@@ -139,12 +139,18 @@ def test_an_app_module_that_does_not_exist_fails_at_start_up(tmp_path: Path) -> 
     assert "cannot find module 'no_such_module'" in out.stderr
 
 
-def test_factory_and_reload(tmp_path: Path) -> None:
-    """--factory calls the attribute; --reload serves through uvicorn's reloader process."""
+def test_factory_reload_and_uvloop(tmp_path: Path) -> None:
+    """--factory calls the attribute; --reload serves through uvicorn's reloader process;
+    uvloop runs the app when it is installed."""
     env = environment({"OTEL_TRACES_EXPORTER": "console"})
-    argv = run_argv("--reload", "--factory", "fixture_app:create_app")
+    argv = run_argv(
+        "--reload", "--factory", "--timeout-keep-alive", "2", "--limit-concurrency", "50",
+        "fixture_app:create_app",
+    )
     with serve(argv, env, tmp_path) as server:
-        assert server.get("/items/5").json()["item_id"] == 5
+        body = server.get("/items/5").json()
+        assert body["item_id"] == 5
+        assert body["loop"].startswith("uvloop")  # installed, so used
         assert wait_for(lambda: "GET /items/{item_id}" in server.output()), server.output()
         server.terminate()
 
