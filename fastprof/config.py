@@ -30,13 +30,19 @@ from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.types import Scope
 
-from fastprof import _internal_errors
-from fastprof._instrument import instrument
+from fastprof import (
+    DependencySpans,
+    FastprofMiddleware,
+    LoopMonitor,
+    Profiling,
+    RequestHooks,
+    SlowRequestLog,
+    _internal_errors,
+    instrument,
+)
 from fastprof._options import check_int
-from fastprof.loop_monitor import LoopMonitor
-from fastprof.middleware import FastprofMiddleware, RequestHooks
-from fastprof.profiling import FileStore, MemoryStore, Profiling
-from fastprof.slow_requests import SlowRequestLog
+from fastprof.dependencies import DEFAULT_MAX_SPANS
+from fastprof.profiling import FileStore, MemoryStore
 
 __all__ = [
     "VARIABLES",
@@ -292,23 +298,22 @@ def _instrument_kwargs(
         "profiling": profiling,
         "loop_monitor": loop_monitor,
         "slow_requests": slow_requests,
-        "dependencies": dependencies,
+        "dependencies": dependencies != "off"
+        and DependencySpans(
+            mode="marked" if dependencies == "marked" else "all",
+            max_spans=DEFAULT_MAX_SPANS
+            if dependencies_max_spans is None
+            else dependencies_max_spans,
+        ),
     }
     if exclude is not None:
         kwargs["exclude"] = exclude
     if query is not None:
         kwargs["query"] = query
+    if redact_query_keys is not None:
+        kwargs["redact_query_keys"] = tuple(redact_query_keys)
     if max_attribute_length is not None:
         kwargs["max_attribute_length"] = max_attribute_length
-    if dependencies_max_spans is not None:
-        kwargs["max_dependency_spans"] = dependencies_max_spans
-    # With instrument(dependencies: DependencySpans | bool, redact_query_keys=...):
-    #   kwargs["dependencies"] = dependencies != "off" and DependencySpans(
-    #       mode=dependencies, **({"max_spans": dependencies_max_spans} if ... else {}))
-    #   kwargs.pop("max_dependency_spans", None)
-    #   if redact_query_keys is not None:
-    #       kwargs["redact_query_keys"] = tuple(redact_query_keys)
-    del redact_query_keys  # validated by from_environ(); instrument() does not take it yet
     return kwargs
 
 

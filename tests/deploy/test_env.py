@@ -308,7 +308,6 @@ async def test_request_id_and_query_variables(spans: Any) -> None:
     assert spans.server()[0].attributes["url.query"] == "a=REDACTED"
 
 
-@pytest.mark.xfail(reason="instrument(redact_query_keys=) lands on main", strict=True)
 @pytest.mark.anyio
 async def test_redact_query_keys(spans: Any) -> None:
     options = opts({"FASTPROF_REDACT_QUERY_KEYS": "colour"})

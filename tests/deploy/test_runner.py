@@ -155,10 +155,6 @@ def test_factory_reload_and_uvloop(tmp_path: Path) -> None:
         server.terminate()
 
 
-@pytest.mark.xfail(
-    reason="fastprof.depends reads fastapi.Depends at import time (fixed in depends.py on main)",
-    strict=True,
-)
 def test_fastprof_imported_from_a_hook_while_fastapi_is_being_imported(tmp_path: Path) -> None:
     """How auto-instrumentation is usually wired: a hook imports fastprof (and the
     runner's entry point) while FastAPI itself is half-imported."""
