@@ -34,55 +34,45 @@ def run_argv(*extra: str) -> list[str]:
     return [str(BIN / "fastprof"), "run", "--port", "{port}", "--no-access-log", *extra]
 
 
-def test_two_workers_export_with_the_configured_service_name_and_sampler(
+def test_two_workers_flush_at_sigterm_with_the_configured_service_name_and_sampler(
     tmp_path: Path,
 ) -> None:
-    with otlp_receiver() as (endpoint, received):
-        env = environment(
-            {
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint,
-                "OTEL_SERVICE_NAME": "deploy-test",
-                "OTEL_TRACES_SAMPLER": "traceidratio",
-                "OTEL_TRACES_SAMPLER_ARG": "0.5",
-            }
-        )
-        with serve(run_argv("--workers", "2", "fixture_app:app"), env, tmp_path) as server:
-            # traceidratio ignores the parent's sampled flag: the trace id alone decides.
-            pids = hit_every_worker(
-                server, "/items/1", 2, headers=lambda i: traceparent(kept(i))
-            )
-            assert len(pids) == 2, server.output()
-            for i in range(10):
-                assert server.get("/items/2", traceparent(dropped(i))).status_code == 200
-            server.terminate()
-    spans = received.spans()
-    items = [(res, s) for res, s in spans if s.name == "GET /items/{item_id}"]
-    assert {res["service.name"] for res, _ in spans} == {"deploy-test"}
-    assert {res["process.pid"] for res, _ in items} == pids
-    trace_ids = {s.trace_id.hex() for _, s in items}
-    assert trace_ids  # every kept trace, no dropped one
-    assert all(t.startswith("00000000a") for t in trace_ids), trace_ids
-    assert "dependency settings" in {s.name for _, s in spans}
+    """``fastprof run --workers 2``: both workers export, each with its own process.pid,
+    the configured service name and sampler; the spans still queued (a 60 s batch delay)
+    reach the collector when the server is stopped with SIGTERM, flushed during each
+    worker's lifespan shutdown."""
+    kept_ids: list[str] = []
 
+    def kept_headers(i: int) -> dict[str, str]:
+        kept_ids.append(kept(i))
+        return traceparent(kept_ids[-1])
 
-def test_sigterm_flushes_pending_spans(tmp_path: Path) -> None:
-    """Spans still queued (a 60 s batch delay) reach the collector when the server is
-    stopped with SIGTERM: they are flushed during the lifespan shutdown of each worker."""
     with otlp_receiver() as (endpoint, received):
         env = environment(
             {
                 "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint.removesuffix("/v1/traces"),
+                "OTEL_SERVICE_NAME": "deploy-test",
+                "OTEL_TRACES_SAMPLER": "traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.5",
                 "OTEL_BSP_SCHEDULE_DELAY": "60000",
             }
         )
         with serve(run_argv("--workers", "2", "fixture_app:app"), env, tmp_path) as server:
-            pids = hit_every_worker(server, "/items/7", 2)
+            # traceidratio ignores the parent's sampled flag: the trace id alone decides.
+            pids = hit_every_worker(server, "/items/1", 2, headers=kept_headers)
             assert len(pids) == 2, server.output()
+            for i in range(10):
+                assert server.get("/items/2", traceparent(dropped(i))).status_code == 200
             assert received.spans() == []  # still queued
             elapsed = server.terminate()
             assert server.proc.returncode == 0, server.output()
-    items = [(res, s) for res, s in received.spans() if s.name == "GET /items/{item_id}"]
+    spans = received.spans()
+    items = [(res, s) for res, s in spans if s.name == "GET /items/{item_id}"]
+    assert {res["service.name"] for res, _ in spans} == {"deploy-test"}
     assert {res["process.pid"] for res, _ in items} == pids
+    # Every kept trace arrived, no dropped one.
+    assert {s.trace_id.hex() for _, s in items} == set(kept_ids)
+    assert "dependency settings" in {s.name for _, s in spans}
     assert elapsed < 10
 
 
