@@ -416,11 +416,8 @@ def _profiling(env: _Env) -> tuple[Profiling | None, str | None]:
     if env.raw("FASTPROF_PREVIOUS_SECRETS") is not None and not secrets:
         raise ValueError("FASTPROF_PREVIOUS_SECRETS: set FASTPROF_SECRET too (it signs tokens)")
     previous = env.items("FASTPROF_PREVIOUS_SECRETS") or []
-    if previous:
-        from fastprof.profiling._tokens import normalize_secrets
-
-        _build(lambda **kw: normalize_secrets(kw["secret"], "secret"), env,
-               {"secret": "FASTPROF_PREVIOUS_SECRETS"}, {"secret": previous})
+    if previous:  # checked on their own, so that an error names their variable
+        _build(Profiling, env, {"secret": "FASTPROF_PREVIOUS_SECRETS"}, {"secret": previous})
     secrets += previous
     if secrets:
         kwargs["secret"] = secrets[0] if len(secrets) == 1 else secrets
