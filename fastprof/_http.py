@@ -166,13 +166,16 @@ def redact_query(
     return truncate("&".join(parts), limit)
 
 
+_BAD_HOST: Final = re.compile(r"[/?#@ \t]").search
+
+
 def server_address(
     host: bytes | None, server: tuple[str, int | None] | None, scheme: str
 ) -> tuple[str | None, int | None]:
     """``server.address``/``server.port`` from the Host header, else the ASGI ``server``."""
     if host:
         text = host.decode("latin-1")
-        if len(text) > 255 or any(c in text for c in "/?#@ \t"):
+        if len(text) > 255 or _BAD_HOST(text) is not None:
             return None, None
         if text.startswith("["):  # IPv6 literal
             end = text.find("]")
