@@ -9,14 +9,22 @@ request is ``ALWAYS_OFF``, e.g. an unsampled remote parent), fastprof builds the
 same ``NonRecordingSpan`` itself: the same ids from the provider's id generator,
 the same trace flags and trace state, the SDK's span metrics still counted.
 
+A root under ``ParentBased(TraceIdRatioBased(r))`` (how production samples a few
+percent) is decided here too, from the trace id, exactly as the SDK decides it: the
+trace id is drawn as the SDK's ``RandomIdGenerator`` draws it, and the request is
+dropped when ``trace_id & (2**64 - 1) >= r * 2**64``. A root the ratio samples goes
+through ``start_span`` with that same trace id: fastprof's own tracer gets an id
+generator that hands the drawn id to the very next ``generate_trace_id`` call on this
+thread, so the SDK makes the same decision and each trace is decided once.
+
 It is only used when a probe at start-up shows that it produces what the
-installed SDK produces; anything else (another sampler, a ratio decision, a
-disabled tracer, another SDK version) goes through ``start_span``, so sampling
-decisions are never made twice.
+installed SDK produces; anything else (another sampler, a disabled tracer, another
+SDK version) goes through ``start_span``.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from random import getrandbits
 from typing import Any, Final
@@ -33,23 +41,33 @@ DropFastPath = Callable[[Context], Span | None]
 
 _PROBE_TRACE_ID: Final = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 _PROBE_SPAN_ID: Final = 0x00F067AA0BA902B7
+#: The bits of a trace id ``TraceIdRatioBased`` compares with its bound.
+_RATIO_MASK: Final = (1 << 64) - 1
 
 
 def drop_fast_path(tracer: Any) -> DropFastPath | None:
     """A fast path for ``tracer`` (an SDK tracer with a known dropping sampler), else ``None``."""
+    original = getattr(tracer, "id_generator", None)
     try:
         fast = _build(tracer)
-        if fast is None or not _agrees_with_sdk(tracer, fast):
-            return None
-        return fast
+        if fast is not None and _agrees_with_sdk(tracer, fast):
+            return fast
     except Exception:
-        return None
+        pass
+    if original is not None and getattr(tracer, "id_generator", None) is not original:
+        tracer.id_generator = original  # the ratio path is off: the SDK's generator again
+    return None
 
 
 def _build(tracer: Any) -> DropFastPath | None:
     from opentelemetry.sdk.trace import Tracer as SdkTracer
     from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-    from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
+    from opentelemetry.sdk.trace.sampling import (
+        Decision,
+        ParentBased,
+        StaticSampler,
+        TraceIdRatioBased,
+    )
 
     if type(tracer) is not SdkTracer:
         return None
@@ -57,24 +75,40 @@ def _build(tracer: Any) -> DropFastPath | None:
     def drops(sampler: Any) -> bool:
         return type(sampler) is StaticSampler and sampler._decision is Decision.DROP
 
+    id_generator = tracer.id_generator
+    # The SDK's default generator is inlined below: random.getrandbits, never 0.
+    inline_ids = type(id_generator) in (RandomIdGenerator, _SeededIdGenerator)
+
     sampler = tracer.sampler
+    ratio_bound: int | None = None  # roots decided by TraceIdRatioBased
     if drops(sampler):
         root_drops = sampled_parent_drops = unsampled_parent_drops = True
     elif (
         isinstance(sampler, ParentBased)
         and type(sampler).should_sample is ParentBased.should_sample
     ):
-        root_drops = drops(sampler._root)
+        root = sampler._root
+        root_drops = drops(root)
+        if (
+            not root_drops
+            and inline_ids
+            and type(root) is TraceIdRatioBased
+            and type(root.bound) is int
+        ):
+            ratio_bound = root.bound
         sampled_parent_drops = drops(sampler._remote_parent_sampled)
         unsampled_parent_drops = drops(sampler._remote_parent_not_sampled)
     else:
         return None
-    if not (root_drops or sampled_parent_drops or unsampled_parent_drops):
+    if not (root_drops or sampled_parent_drops or unsampled_parent_drops or ratio_bound):
         return None
 
-    id_generator = tracer.id_generator
-    # The SDK's default generator is inlined below: random.getrandbits, never 0.
-    inline_ids = type(id_generator) is RandomIdGenerator
+    seed: Callable[[int], None] | None = None
+    if ratio_bound is not None:
+        if type(id_generator) is not _SeededIdGenerator:
+            # fastprof's own Tracer object (from get_tracer): the provider keeps its generator.
+            id_generator = tracer.id_generator = _SeededIdGenerator()
+        seed = id_generator.seed
     generate_trace_id = id_generator.generate_trace_id
     generate_span_id = id_generator.generate_span_id
     is_random = getattr(id_generator, "is_trace_id_random", None)
@@ -123,6 +157,14 @@ def _build(tracer: Any) -> DropFastPath | None:
                         trace_state=parent.trace_state,
                     )
                 )
+        if ratio_bound is not None:
+            trace_id = getrandbits(128) or 1
+            if trace_id & _RATIO_MASK < ratio_bound:
+                seed(trace_id)  # type: ignore[misc]  # sampled: the SDK decides the same
+                return None
+            if record_start is not None:
+                record_start(None, drop)
+            return NonRecordingSpan(make_root_context(trace_id, getrandbits(64) or 1))
         if not root_drops:
             return None
         if record_start is not None:
@@ -132,6 +174,36 @@ def _build(tracer: Any) -> DropFastPath | None:
         return NonRecordingSpan(make_root_context(generate_trace_id(), generate_span_id()))
 
     return span_for
+
+
+def _seeded_generator_base() -> type:
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    return RandomIdGenerator
+
+
+class _SeededIdGenerator(_seeded_generator_base()):  # type: ignore[misc]
+    """The SDK's ``RandomIdGenerator``, except that a trace id seeded on a thread is
+    what the next ``generate_trace_id`` call on that thread returns (once).
+
+    Installed on fastprof's own middleware tracer when roots are ratio-sampled: the
+    fast path draws the trace id, and for a root the ratio samples, hands it to the
+    ``start_span`` call that follows, so the SDK decides on the same id.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def seed(self, trace_id: int) -> None:
+        self._local.trace_id = trace_id
+
+    def generate_trace_id(self) -> int:
+        local = self._local
+        trace_id: int = getattr(local, "trace_id", 0)
+        if trace_id:
+            local.trace_id = 0
+            return trace_id
+        return super().generate_trace_id()  # type: ignore[no-any-return]
 
 
 def _root_context_factory(flags: TraceFlags) -> Callable[[int, int], SpanContext] | None:
@@ -168,7 +240,9 @@ def _agrees_with_sdk(tracer: Any, fast: DropFastPath) -> bool:
     """Probe: for each parent shape the fast path takes, the SDK's span looks the same."""
     from opentelemetry.trace import TraceState
 
-    parents: list[Context] = [Context()]
+    ratio = isinstance(tracer.id_generator, _SeededIdGenerator)
+    # A ratio-decided root is probed by _ratio_agrees (with ids it certainly drops).
+    parents: list[Context] = [] if ratio else [Context()]
     for flags in (TraceFlags.DEFAULT, TraceFlags.SAMPLED):
         remote = SpanContext(
             _PROBE_TRACE_ID,
@@ -197,4 +271,43 @@ def _agrees_with_sdk(tracer: Any, fast: DropFastPath) -> bool:
         if parent and a.trace_id != b.trace_id:
             return False
         checked += 1
+    if ratio:
+        return _ratio_agrees(tracer, fast)
     return checked > 0
+
+
+def _ratio_agrees(tracer: Any, fast: DropFastPath) -> bool:
+    """Probe of the ratio path: the SDK's sampler decides as the fast path does, and
+    ``start_span`` takes the seeded trace id and builds the span the fast path builds
+    (checked with an id the ratio drops, so that the probe records nothing)."""
+    root = tracer.sampler._root
+    bound = root.bound
+    low = bound - 1 if bound > 0 else 0
+    for trace_id in ((1 << 64) | low, (2 << 64) | (bound & _RATIO_MASK), _PROBE_TRACE_ID):
+        sdk = root.should_sample(None, trace_id, "probe").decision.is_sampled()
+        if sdk != (trace_id & _RATIO_MASK < bound):
+            return False
+    if bound > _RATIO_MASK:
+        return True  # ratio 1: never drops, nothing to check with a dropped id
+    dropped = (3 << 64) | _RATIO_MASK
+    tracer.id_generator.seed(dropped)
+    theirs = tracer.start_span("probe", context=Context(), kind=SpanKind.SERVER)
+    if (
+        type(theirs) is not NonRecordingSpan
+        or theirs.get_span_context().trace_id != dropped
+        or tracer.id_generator.generate_trace_id() == dropped  # the seed is used once
+    ):
+        return False
+    for _ in range(64):  # a root the fast path drops (unless the ratio is near 1)
+        mine = fast(Context())
+        if mine is None:
+            tracer.id_generator.generate_trace_id()  # sampled: drop its unused seed
+            continue
+        a, b = mine.get_span_context(), theirs.get_span_context()
+        return type(mine) is NonRecordingSpan and (
+            a.is_remote,
+            a.trace_flags,
+            a.trace_state,
+            a.is_valid,
+        ) == (b.is_remote, b.trace_flags, b.trace_state, b.is_valid)
+    return True

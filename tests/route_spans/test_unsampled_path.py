@@ -86,11 +86,44 @@ def test_parent_based_fast_path_only_for_the_dropping_branch() -> None:
     _same_as_sdk(tracer, _remote(False))  # keeps the parent's trace id and tracestate
 
 
-def test_ratio_decisions_always_go_through_the_sdk() -> None:
-    assert drop_fast_path(_tracer(TraceIdRatioBased(0.5))) is None
-    fast = drop_fast_path(_tracer(ParentBased(TraceIdRatioBased(0.1))))
+def test_ratio_roots_are_decided_once_from_the_trace_id() -> None:
+    """ParentBased(TraceIdRatioBased): the fast path drops what the ratio drops; a root
+    it samples goes through the SDK with the same trace id, so the rate stays the rate
+    (not its square) and every trace is decided once."""
+    import random
+
+    assert drop_fast_path(_tracer(TraceIdRatioBased(0.5))) is None  # not ParentBased
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.25)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("fastprof")
+    fast = drop_fast_path(tracer)
     assert fast is not None
-    assert fast(Context()) is None  # the ratio is decided once, by the SDK
+    assert exporter.get_finished_spans() == ()  # the start-up probe records nothing
+    assert type(provider.id_generator).__name__ == "RandomIdGenerator"  # only fastprof's tracer
+    bound = 1 << 62  # 0.25 * 2**64
+    random.seed(11)
+    sampled: list[int] = []
+    for _ in range(4000):
+        span = fast(Context())
+        if span is None:
+            span = tracer.start_span("GET", context=Context(), kind=SpanKind.SERVER)
+            assert span.is_recording()
+            sampled.append(span.get_span_context().trace_id)
+            span.end()
+        else:
+            ctx = span.get_span_context()
+            assert type(span) is NonRecordingSpan and ctx.is_valid and not ctx.trace_flags.sampled
+            assert ctx.trace_id & ((1 << 64) - 1) >= bound
+    assert 850 < len(sampled) < 1150  # 25% of 4000
+    finished = [s.context.trace_id for s in exporter.get_finished_spans()]  # type: ignore[union-attr]
+    assert finished == sampled
+    assert all(t & ((1 << 64) - 1) < bound for t in finished)
+    # The seed is used once: a root started without the fast path gets a fresh id.
+    assert tracer.start_span("x").get_span_context().trace_id not in sampled
+    # Remote parents keep their branches: unsampled dropped here, sampled through the SDK.
+    _same_as_sdk(tracer, _remote(False))
+    assert fast(_remote(True)) is None
 
 
 def test_unknown_samplers_and_tracers_have_no_fast_path() -> None:
