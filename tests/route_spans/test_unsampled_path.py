@@ -294,3 +294,40 @@ async def test_disabled_components_are_never_called_and_keep_the_lean_path() -> 
             assert received[-1][0] is receive and received[-1][1] is send
         assert fastprof._context.SCOPE_KEY not in scope
     assert off.calls == []
+
+
+async def test_never_triggered_profiling_keeps_unsampled_requests_lean() -> None:
+    """Profiling with a secret but no token in the request: the unsampled request takes the
+    lean path (the app gets the server's own callables); with a token it is profiled."""
+    received: list[tuple[object, object]] = []
+
+    async def raw_app(scope: Any, receive: Any, send: Any) -> None:
+        received.append((receive, send))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    secret = "s" * 32
+    profiling = fastprof.Profiling(secret=secret)
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    deps = fastprof.DependencySpans(tracer_provider=provider, profiled_requests=True)
+    app = fastprof.FastprofMiddleware(raw_app, tracer_provider=provider, hooks=[profiling, deps])
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    plain = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    await app(plain, receive, send)
+    assert received[-1][0] is receive and received[-1][1] is send
+    token = fastprof.profiling.mint_token(secret).encode()
+    headers = [(b"x-fastprof-profile", token)]
+    profiled = {"type": "http", "method": "GET", "path": "/", "headers": headers}
+    await app(profiled, receive, send)
+    assert received[-1][1] is not send  # the full path: profiling's hooks ran
+    response_headers = dict(sent[-2]["headers"])
+    assert b"x-fastprof-profile-id" in response_headers
+    assert profiling.flush(10)
