@@ -104,3 +104,54 @@ async def test_memory_does_not_grow_over_many_requests() -> None:
         if "/fastprof/" in (stat.traceback[0].filename if stat.traceback else "")
     )
     assert fastprof_growth < 64 * 1024
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_finished_request_is_freed_while_its_connection_stays_open(loop: str) -> None:
+    """uvicorn arms its keep-alive timer inside the request's last ``send``, so the timer
+    holds a copy of the request's context until the connection's next request. What
+    fastprof's context values (the request state, the dependency tracker) refer to must
+    not stay alive through it: with the garbage collector off, the request's task (which
+    the loop monitor records on the state) and the dependency tracker's nodes are freed
+    at once, while the connection stays open."""
+    import asyncio
+    import time
+    import weakref
+
+    import httpx
+
+    from tests._server import serve
+
+    tasks: list[weakref.ref[asyncio.Task[Any]]] = []
+    app = FastAPI()
+
+    def dep() -> int:
+        return 1
+
+    @app.get("/")
+    async def root(value: int = Depends(dep)) -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(weakref.ref(task))
+        return value
+
+    fastprof.instrument(
+        app,
+        tracer_provider=provider(False),
+        loop_monitor=fastprof.LoopMonitor(threshold_s=1.0),
+        slow_requests=fastprof.SlowRequestLog(threshold_s=10.0),
+    )
+    gc.disable()
+    try:
+        with (
+            serve(app, loop=loop, timeout_keep_alive=30) as url,
+            httpx.Client(base_url=url) as client,
+        ):
+            assert client.get("/").json() == 1  # the connection stays open (keep-alive)
+            deadline = time.monotonic() + 2
+            while tasks[0]() is not None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert tasks[0]() is None
+    finally:
+        gc.enable()
