@@ -1,0 +1,36 @@
+"""Fixtures of the dashboard tests: Debian's chromium driven by Playwright (no browser
+download), and the test app served by a real uvicorn with the dashboard mounted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+
+def chromium_path() -> str:
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.fail("Debian's chromium is not installed (scripts/test installs it: apt-get install chromium)")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(), headless=True, args=["--no-sandbox"]
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+IMAGES = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "images")
