@@ -293,9 +293,11 @@ def request_page(
     waterfall = (
         "<table class='wf' id='waterfall'><tr><th>span</th><th class='num'>ms</th>"
         "<th>timeline</th></tr>" + "".join(rows) + "</table>"
-        "<p class='legend muted'><span>▇ phase</span><span>▇ dependency</span>"
-        "<span>▇ teardown</span><span>hatched: waiting for a worker thread</span>"
-        "<span>red mark: event loop blocked</span></p>"
+        "<p class='legend muted'><span style='color:#8aa4c8'>▇ phase</span>"
+        "<span style='color:#3c8d5a'>▇ dependency</span>"
+        "<span style='color:#8e5bb5'>▇ teardown</span>"
+        "<span style='color:#dd6b20'>▨ waiting for a worker thread</span>"
+        "<span style='color:#c53030'>▇ event loop blocked</span></p>"
     )
     if record.spans_dropped:
         waterfall += f"<p class='muted'>{record.spans_dropped} more spans not kept.</p>"
@@ -395,7 +397,7 @@ def route_page(
         src = f"{base}/route/flame?{urlencode({'route': route})}"
         flame = (
             f"<p>{used} sampled profile(s) combined (pyinstrument):</p>"
-            f"<iframe class='flame' id='aggregate' sandbox='allow-scripts' "
+            f"<iframe class='flame' id='aggregate' "
             f"src='{_e(src)}' title='aggregated profile'></iframe>"
         )
     else:
