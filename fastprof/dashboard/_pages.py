@@ -231,7 +231,7 @@ def request_page(
     jaeger_url: str | None,
     has_profiles: bool,
 ) -> bytes:
-    total = max(record.duration_s, 1e-9)
+    total = max(record.duration_s * 1e6, 1.0)  # µs, like the span offsets
     for entry in record.spans:
         total = max(total, entry[3] + entry[4])
     links = []
@@ -271,10 +271,10 @@ def request_page(
         inner = ""
         wait = attrs.get("fastprof.threadpool.wait_s")
         if isinstance(wait, int | float) and wait > 0 and duration > 0:
-            share = min(100.0, 100.0 * wait / duration)
+            share = min(100.0, 100.0 * wait * 1e6 / duration)
             inner = f"<div class='wait' title='thread-pool wait' style='width:{share:.3f}%'></div>"
         late = " <span class='muted'>(after the response)</span>" if (
-            depth > 0 and offset >= record.duration_s
+            depth > 0 and offset >= record.duration_s * 1e6
         ) else ""
         wait_text = (
             f" <span class='muted'>(waited {_ms(float(wait))} ms for a worker thread)</span>"
@@ -285,7 +285,7 @@ def request_page(
             f"<td class='name' style='padding-left:{8 + 16 * depth}px'><details><summary>"
             f"<span class='span-name'>{_e(name)}</span>{late}{wait_text}</summary>"
             f"{_attr_table(attrs)}</details></td>"
-            f"<td class='num'>{_ms(duration)}</td>"
+            f"<td class='num'>{_ms(duration / 1e6)}</td>"
             f"<td class='bar'><div class='track'><div class='{seg_class}' "
             f"style='left:{left:.3f}%;width:{width:.3f}%'>{inner}</div></div></td></tr>"
         )
@@ -325,7 +325,7 @@ def _event_row(event: list[Any], depth: int, total: float) -> str:
         stack = attrs.get("code.stacktrace")
         if stack:
             text += f"<details><summary>stack</summary><pre>{_e(stack)}</pre></details>"
-        width = 100.0 * float(blocked) / total if isinstance(blocked, int | float) else 0.0
+        width = 100.0 * float(blocked) * 1e6 / total if isinstance(blocked, int | float) else 0.0
         return (
             f"<tr class='event blocked'><td style='padding-left:{pad}px'>{text}</td><td></td>"
             f"<td class='bar'><div class='track'><div class='seg err' "
@@ -372,9 +372,9 @@ def route_page(
         f"<td class='num'>{_ms(percentile(ordered, 99))}</td></tr></table>"
     )
     groups: dict[tuple[str, str], list[float]] = {}
-    for dep in deps:
+    for dep in deps:  # [name, "call" | "teardown", µs]
         if isinstance(dep, list) and len(dep) == 3 and isinstance(dep[2], int | float):
-            groups.setdefault((str(dep[0]), str(dep[1])), []).append(float(dep[2]))
+            groups.setdefault((str(dep[0]), str(dep[1])), []).append(dep[2] / 1e6)
     dep_rows = []
     for (name, kind), values in sorted(
         groups.items(), key=lambda item: -percentile(sorted(item[1]), 95)

@@ -68,39 +68,50 @@ def _attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not attributes:
         return out
-    for index, (key, value) in enumerate(attributes.items()):
-        if index >= MAX_ATTRIBUTES:
+    for key, value in attributes.items():
+        kind = type(value)
+        if kind is str:
+            if len(value) > MAX_VALUE:
+                value = _value(key, value)
+        elif kind is not int and kind is not float and kind is not bool:
+            value = _value(key, value)
+        out[key] = value
+        if len(out) >= MAX_ATTRIBUTES:
             break
-        out[str(key)[:128]] = _value(str(key), value)
     return out
 
 
 def span_entry(span: ReadableSpan, origin_ns: int) -> list[Any]:
     """One span as a compact JSON-able list.
 
-    ``[name, span id, parent span id, start offset s, duration s, error, attributes,
-    events]``; each event is ``[name, offset s, attributes]``. Offsets are from
+    ``[name, span id, parent span id, start offset µs, duration µs, error, attributes,
+    events]``; each event is ``[name, offset µs, attributes]``. Offsets are from
     ``origin_ns`` (the request span's start).
     """
     context = span.context
     parent = span.parent
     start = span.start_time or origin_ns
     end = span.end_time or start
-    events = [
+    events = (
         [
-            str(event.name)[:128],
-            round((event.timestamp - origin_ns) / 1e9, 6),
-            _attributes(event.attributes),
+            [
+                str(event.name)[:128],
+                (event.timestamp - origin_ns) // 1000,
+                _attributes(event.attributes),
+            ]
+            for event in list(span.events)[:MAX_EVENTS]
         ]
-        for event in list(span.events)[:MAX_EVENTS]
-    ]
+        if span.events
+        else []
+    )
+    name = span.name
     return [
-        str(span.name)[:MAX_VALUE],
+        name if len(name) <= MAX_VALUE else name[:MAX_VALUE],
         format(context.span_id, "016x") if context is not None else "",
         format(parent.span_id, "016x") if parent is not None and not parent.is_remote else "",
-        round((start - origin_ns) / 1e9, 6),
-        round((end - start) / 1e9, 6),
-        span.status.status_code == StatusCode.ERROR,
+        (start - origin_ns) // 1000,
+        (end - start) // 1000,
+        span.status.status_code is StatusCode.ERROR,
         _attributes(span.attributes),
         events,
     ]
@@ -188,10 +199,9 @@ class RequestRecord:
 
 
 def _dependency(entry: list[Any]) -> list[Any] | None:
-    """``[name, kind, duration s]`` of a dependency (or its teardown) span."""
+    """``[name, kind, duration µs]`` of a dependency (or its teardown) span."""
     attrs = entry[6]
-    kind = attrs.get("fastprof.dependency.kind")
-    if kind is None:
+    if "fastprof.dependency.kind" not in attrs:
         return None
     return [entry[0], "teardown" if "fastprof.dependency.phase" in attrs else "call", entry[4]]
 

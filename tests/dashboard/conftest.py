@@ -16,7 +16,7 @@ def chromium_path() -> str:
         found = shutil.which(name)
         if found:
             return found
-    pytest.fail("Debian's chromium is not installed (scripts/test installs it: apt-get install chromium)")
+    pytest.fail("Debian's chromium is missing (scripts/test installs it: apt-get install chromium)")
 
 
 @pytest.fixture(scope="session")
