@@ -34,6 +34,7 @@ _SHOWN_EVENT_ATTRIBUTES = (
     "fastprof.profile.top.function",
     "fastprof.profile.top.location",
     "fastprof.profile.top.seconds",
+    "fastprof.profile.waiting_seconds",
 )
 
 

@@ -372,7 +372,7 @@ class Profiling(RequestHooks):
         if self._top_frames and session.frame_records:
             # A profile without samples has no hot frames: no event (the span's
             # ``fastprof.profile.samples`` already says 0).
-            top = hot_frames(session, self._top_frames)
+            top, waiting_s = hot_frames(session, self._top_frames)
             span.add_event(
                 "fastprof.profile",
                 {
@@ -380,6 +380,8 @@ class Profiling(RequestHooks):
                     "fastprof.profile.top.function": [f for f, _, _ in top],
                     "fastprof.profile.top.location": [loc for _, loc, _ in top],
                     "fastprof.profile.top.seconds": [s for _, _, s in top],
+                    # Suspended while other work ran: waiting, not a function's time.
+                    "fastprof.profile.waiting_seconds": waiting_s,
                 },
             )
 
