@@ -366,6 +366,8 @@ class SQLiteStore:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA journal_size_limit = 8388608")
+        # INSERT OR REPLACE then fires the delete triggers that keep the totals right.
+        conn.execute("PRAGMA recursive_triggers = ON")
         with self._schema_lock:
             if self._schema_pid != os.getpid():
                 conn.executescript(_SCHEMA)

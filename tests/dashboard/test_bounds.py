@@ -49,12 +49,12 @@ def _span(
     )
 
 
-def _drive(recorder: Any, count: int, flush_every: int = 5000) -> None:
+def _drive(recorder: Any, count: int, flush_every: int = 5000, first: int = 0) -> None:
     """``count`` requests of 2 spans each (a late teardown every 10th), as fastprof ends them."""
     now = time.time_ns()
     dep_attrs = {"fastprof.dependency.kind": "async", "code.function.name": "get_db"}
     teardown_attrs = {**dep_attrs, "fastprof.dependency.phase": "teardown", "pad": "x" * 200}
-    for i in range(count):
+    for i in range(first, first + count):
         trace_id = (i + 1) << 16
         base = now + i * 1000
         s = (i + 1) << 8  # span ids: s + 1 (the request), s + 3, ...
@@ -79,7 +79,7 @@ def _drive(recorder: Any, count: int, flush_every: int = 5000) -> None:
                 _span("teardown get_db", trace_id, s + 5, root, base + 1000, base + 1500,
                       attributes=teardown_attrs)
             )
-        if (i + 1) % flush_every == 0:
+        if (i + 1 - first) % flush_every == 0:
             assert recorder.flush(60)
     assert recorder.flush(60)
 
