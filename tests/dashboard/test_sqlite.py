@@ -58,3 +58,66 @@ def test_a_request_stored_again_is_counted_once(tmp_path) -> None:
     (row,) = store._connect().execute("SELECT sum(size) FROM requests").fetchall()
     assert size == row[0]
     dashboard.close()
+
+
+def _full_store(path: str, count: int) -> tuple[SQLiteStore, list[str]]:
+    """A store filled to ``max_count`` with requests of 10 routes (records built once, copied)."""
+    import copy
+    import time
+
+    from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+
+    from fastprof.dashboard._records import build_record
+    from tests.dashboard.test_bounds import _span
+
+    now = time.time_ns()
+    root_ctx = SpanContext(1, 1, is_remote=False, trace_flags=TraceFlags(1))
+    dep = _span("dependency get_db", 1, 2, root_ctx, now + 10_000, now + 400_000,
+                attributes={"fastprof.dependency.kind": "async"})
+    root = _span("GET /r", 1, 1, None, now, now + 1_000_000, SpanKind.SERVER,
+                 {"http.route": "/r", "url.path": "/r", "http.response.status_code": 200})
+    template = build_record(root, [dep], slow_s=1.0)
+    assert template is not None
+    store = SQLiteStore(path, max_count=count)
+    keys = []
+    for batch in range(0, count, 5000):
+        records = []
+        for i in range(batch, batch + 5000):
+            record = copy.copy(template)
+            record.key = f"{i + 1:016x}"
+            record.route = f"/r{i % 10}"
+            record.path = f"/r{i % 10}/{i}"
+            record.duration_s = (i % 1000) / 1000
+            record.status = 500 if i % 97 == 0 else 200
+            records.append(record)
+            keys.append(record.key)
+        store.add(records, [])
+    return store, keys
+
+
+@pytest.mark.anyio
+async def test_pages_answer_fast_with_a_full_store(tmp_path) -> None:
+    import time
+
+    store, keys = _full_store(str(tmp_path / "full.sqlite3"), 20_000)
+    assert len(store) == 20_000
+    dashboard = fastprof.Dashboard(secret=SECRET, store=store)
+    auth = {"authorization": f"Bearer {dashboard_token(SECRET)}"}
+    timings = {}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=dashboard.app()), base_url="http://testserver"
+    ) as client:
+        for name, url in {
+            "list": "/",
+            "filtered": "/?route=/r3&min_ms=900&status=2",
+            "errors": "/?status=5",
+            "request": f"/requests/{keys[12_345]}",
+            "route": "/route?route=/r3",
+        }.items():
+            started = time.perf_counter()
+            response = await client.get(url, headers=auth)
+            timings[name] = time.perf_counter() - started
+            assert response.status_code == 200, name
+    print({k: f"{v * 1000:.0f} ms" for k, v in timings.items()})
+    assert max(timings.values()) < 1.0, timings  # milliseconds on an idle machine
+    dashboard.close()
