@@ -36,9 +36,11 @@ from fastprof.dashboard.stores import RequestStore
 __all__ = ["Recorder"]
 
 #: Traces with spans waiting for their request's span to end.
-MAX_PENDING_TRACES: Final = 4096
+MAX_PENDING_TRACES: Final = 2048
 #: Spans waiting per trace.
-MAX_PENDING_SPANS: Final = 512
+MAX_PENDING_SPANS: Final = 256
+#: Spans waiting in all (spans of no request, e.g. a background job's, wait here until evicted).
+MAX_PENDING_TOTAL: Final = 20_000
 #: Finished requests remembered for spans that end after them.
 MAX_RECENT: Final = 1024
 
@@ -78,6 +80,7 @@ class Recorder(SpanProcessor):
         self._interval = flush_interval_s
         self._lock = threading.Lock()
         self._pending: OrderedDict[int, list[ReadableSpan]] = OrderedDict()
+        self._pending_count = 0
         self._recent: OrderedDict[int, list[_Recent]] = OrderedDict()
         # (root, descendants) of a finished request, or (request key, origin, late span).
         self._queue: deque[tuple[Any, ...]] = deque()
@@ -121,13 +124,18 @@ class Recorder(SpanProcessor):
                 pending = self._pending.get(trace_id)
                 if pending is None:
                     pending = self._pending[trace_id] = []
-                    if len(self._pending) > MAX_PENDING_TRACES:
-                        _, evicted = self._pending.popitem(last=False)
-                        self.spans_dropped += len(evicted)
-                if len(pending) < MAX_PENDING_SPANS:
-                    pending.append(span)
-                else:
+                if len(pending) >= MAX_PENDING_SPANS:
                     self.spans_dropped += 1
+                    return
+                pending.append(span)
+                self._pending_count += 1
+                while (
+                    len(self._pending) > MAX_PENDING_TRACES
+                    or self._pending_count > MAX_PENDING_TOTAL
+                ):
+                    _, evicted = self._pending.popitem(last=False)
+                    self._pending_count -= len(evicted)
+                    self.spans_dropped += len(evicted)
                 return
             mine, ids = self._descendants(trace_id, context.span_id)
             if self._exclude is not None:
@@ -150,6 +158,7 @@ class Recorder(SpanProcessor):
         ids = {root_id}
         if not pending:
             return [], ids
+        self._pending_count -= len(pending)
         mine: list[ReadableSpan] = []
         rest = pending
         while rest:
@@ -170,6 +179,7 @@ class Recorder(SpanProcessor):
             rest = left
         if rest:
             self._pending[trace_id] = rest  # another request of the same trace
+            self._pending_count += len(rest)
         return mine, ids
 
     def _enqueue(self, item: tuple[Any, ...]) -> None:
@@ -263,7 +273,7 @@ class Recorder(SpanProcessor):
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            pending = sum(len(spans) for spans in self._pending.values())
+            pending = self._pending_count
         return {
             "recorded": self.recorded,
             "dropped": self.dropped,

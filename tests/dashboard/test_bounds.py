@@ -170,3 +170,22 @@ async def test_store_writes_never_run_on_the_event_loop(tmp_path) -> None:
     dashboard.close()
     profiling.close()
     provider.shutdown()
+
+
+def test_spans_of_no_request_wait_in_a_bounded_buffer(monkeypatch) -> None:
+    """Spans whose trace has no request span (a background job's) are evicted, oldest first."""
+    from fastprof.dashboard import _recorder
+
+    monkeypatch.setattr(_recorder, "MAX_PENDING_TOTAL", 1000)
+    dashboard = fastprof.Dashboard(secret=SECRET, flush_interval_s=60)
+    recorder = dashboard.span_processor
+    now = time.time_ns()
+    for i in range(5000):
+        parent = SpanContext(i + 1, 7, is_remote=False, trace_flags=_FLAGS)
+        recorder.on_end(_span("job step", i + 1, 8 + i, parent, now, now + 10))
+    stats = recorder.stats()
+    assert stats["pending_spans"] <= 1000
+    assert stats["spans_dropped"] == 5000 - stats["pending_spans"]
+    _drive(recorder, 10)  # requests are still recorded
+    assert recorder.stats()["recorded"] == 10
+    dashboard.close()
