@@ -222,8 +222,8 @@ def build_record(
     if context is None or root.start_time is None or root.end_time is None:
         return None
     origin = root.start_time
-    attrs = root.attributes or {}
     entries = [span_entry(root, origin)]
+    attrs: dict[str, Any] = entries[0][6]  # a plain dict: cheaper to read than the span's
     dropped = 0
     ordered = sorted(spans, key=lambda s: (s.start_time or 0, s.end_time or 0))
     for span in ordered:

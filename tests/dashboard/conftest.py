@@ -19,8 +19,10 @@ def chromium_path() -> str:
     pytest.fail("Debian's chromium is missing (scripts/test installs it: apt-get install chromium)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    # Module scope: Playwright's sync API keeps an event loop running in this thread
+    # while it is open, which stops the anyio tests of other modules from running.
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -152,6 +152,7 @@ def test_the_blocked_loop_event_shows_file_and_line(site: Site, page: Any) -> No
     event = page.locator("#waterfall tr.event.blocked").first.inner_text()
     assert "event loop blocked" in event
     assert "dashboard/_app.py:" in event and "blocking" in event
+    _shot(page, "dashboard-blocked.png")
 
 
 def test_the_profiled_request_opens_its_flame_graph(site: Site, page: Any) -> None:
