@@ -3,7 +3,7 @@
 Everything taken from a request (path, route, headers recorded as attributes,
 exception messages, dependency names) is attacker-influenced and goes through
 :func:`_e` (``html.escape`` with quotes) before it reaches the page; URLs are
-built with ``urllib.parse.quote`` and escaped again. The flame graphs are
+built with ``urllib.parse.urlencode`` and escaped again. The flame graphs are
 pyinstrument's own HTML renderer, served as separate documents.
 """
 
@@ -13,7 +13,7 @@ import html
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from fastprof.dashboard._records import (
     BLOCKED_EVENT,
@@ -73,12 +73,17 @@ iframe.flame{width:100%;height:640px;border:1px solid #d4d8de;background:#fff}
 
 
 def _e(value: object) -> str:
-    """Escape for HTML text and (double-quoted) attribute values."""
+    """Escape for HTML text and quoted attribute values (both quote characters)."""
     return html.escape(str(value), quote=True)
 
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
+
+
+def _num(value: object) -> float:
+    """An attribute's value as a number (0.0 if it is not one)."""
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def _when(epoch: float) -> str:
@@ -310,22 +315,22 @@ def request_page(
 
 def _event_row(event: list[Any], depth: int, total: float) -> str:
     name, offset, attrs = event
-    left = 100.0 * max(offset, 0.0) / total
+    left = 100.0 * max(_num(offset), 0.0) / total
     pad = 24 + 16 * depth
     if name == BLOCKED_EVENT:
-        blocked = attrs.get("fastprof.loop.blocked_s", 0.0)
+        blocked = _num(attrs.get("fastprof.loop.blocked_s"))
         where = f"{_short(attrs.get('code.file.path', '?'))}:{attrs.get('code.line.number', '?')}"
         func = attrs.get("code.function.name", "")
         operation = attrs.get("fastprof.operation")
         text = (
-            f"⚠ event loop blocked {_ms(float(blocked))} ms at "
+            f"⚠ event loop blocked {_ms(blocked)} ms at "
             f"<code class='where'>{_e(where)}</code> in <code>{_e(func)}</code>"
             + (f" (during <code>{_e(operation)}</code>)" if operation else "")
         )
         stack = attrs.get("code.stacktrace")
         if stack:
             text += f"<details><summary>stack</summary><pre>{_e(stack)}</pre></details>"
-        width = 100.0 * float(blocked) * 1e6 / total if isinstance(blocked, int | float) else 0.0
+        width = 100.0 * blocked * 1e6 / total
         return (
             f"<tr class='event blocked'><td style='padding-left:{pad}px'>{text}</td><td></td>"
             f"<td class='bar'><div class='track'><div class='seg err' "
@@ -408,7 +413,3 @@ def route_page(
         f"</p><h2>Dependencies</h2>{dep_table}<h2>Aggregated profile</h2>{flame}"
     )
     return _page("Route", base, body)
-
-
-def quote_route(route: str) -> str:
-    return quote(route, safe="")

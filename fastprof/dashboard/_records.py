@@ -24,6 +24,7 @@ __all__ = [
     "FLAG_SLOW",
     "RequestRecord",
     "build_record",
+    "is_request_root",
     "span_entry",
     "valid_request_key",
 ]
