@@ -62,6 +62,7 @@ def site() -> Iterator[Site]:
         profiling.flush()
         assert dashboard.flush()
         yield site
+    dashboard.close()
     provider.shutdown()
     profiling.close()
 
