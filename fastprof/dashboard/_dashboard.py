@@ -332,18 +332,21 @@ class Dashboard:
                 return
             if path == "/route" and "route" in params:
                 route = params["route"]
-                durations, deps, profile_ids = await self._run(
+                durations, deps, profiled = await self._run(
                     lambda: self.store.route_sample(route)
                 )
                 body = _pages.route_page(
-                    route, durations, deps, profile_ids, base, self.profiles is not None,
+                    route, durations, deps, profiled, base, self.profiles is not None,
                     self.aggregate_profiles,
                 )
                 await _send(send, 200, body, "text/html; charset=utf-8", _PAGE_CSP)
                 return
             if path == "/route/flame" and "route" in params and self.profiles is not None:
                 route = params["route"]
-                flame = await self._run(lambda: self._aggregate(route))
+                part = params.get("part", "all")
+                if part not in _pages.PARTS:
+                    raise _Refused
+                flame = await self._run(lambda: self._aggregate(route, part))
                 if flame is None:
                     raise _Refused
                 await _send(send, 200, flame, "text/html; charset=utf-8", _FLAME_CSP)
@@ -381,15 +384,19 @@ class Dashboard:
         )
         await send({"type": "http.response.body", "body": b""})
 
-    def _aggregate(self, route: str) -> bytes | None:
-        """One flame graph of the route's newest profiles, combined (in a worker thread)."""
+    def _aggregate(self, route: str, part: str = "all") -> bytes | None:
+        """One flame graph of the route's newest profiles, combined (in a worker thread).
+
+        ``part``: ``"all"``, ``"slow"`` (requests in the route's slowest 5 %) or ``"rest"``.
+        """
         from pyinstrument.renderers import HTMLRenderer
         from pyinstrument.session import Session
 
         profiles = self.profiles
         if profiles is None:
             return None
-        _, _, profile_ids = self.store.route_sample(route)
+        durations, _, profiled = self.store.route_sample(route)
+        profile_ids = _pages.profiles_of_part(profiled, durations, part)
         key = tuple(profile_ids[: self.aggregate_profiles])
         if not key:
             return None

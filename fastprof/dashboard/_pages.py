@@ -98,6 +98,22 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
     return sorted_values[int(rank) - 1]
 
 
+#: Which of a route's profiles a combined flame graph covers.
+PARTS: Final = ("all", "slow", "rest")
+
+
+def profiles_of_part(
+    profiled: Sequence[tuple[str, float]], durations: Sequence[float], part: str
+) -> list[str]:
+    """The profile ids of ``part``: every one, those of the slowest 5 % of the route's
+    requests (at least its p95), or the rest."""
+    if part == "all":
+        return [pid for pid, _ in profiled]
+    p95 = percentile(sorted(durations), 95)
+    slow = part == "slow"
+    return [pid for pid, duration in profiled if (duration >= p95) is slow]
+
+
 def route_href(base: str, route: str) -> str:
     return f"{base}/route?{urlencode({'route': route})}"
 
@@ -363,7 +379,7 @@ def route_page(
     route: str,
     durations: list[float],
     deps: list[list[Any]],
-    profile_ids: list[str],
+    profiled: list[tuple[str, float]],
     base: str,
     has_profiles: bool,
     aggregate_limit: int,
@@ -397,11 +413,22 @@ def route_page(
         if dep_rows
         else "<p class='muted'>No dependency spans recorded for this route.</p>"
     )
-    if profile_ids and has_profiles:
-        used = min(len(profile_ids), aggregate_limit)
+    if profiled and has_profiles:
+        used = min(len(profiled), aggregate_limit)
         src = f"{base}/route/flame?{urlencode({'route': route})}"
+        compare = []
+        for part, label in (("slow", "the slowest 5 %"), ("rest", "the rest")):
+            count = min(len(profiles_of_part(profiled, durations, part)), aggregate_limit)
+            if count:
+                href = f"{base}/route/flame?{urlencode({'route': route, 'part': part})}"
+                compare.append(
+                    f"<a id='part-{part}' href='{_e(href)}'>{label} ({count} profiles)</a>"
+                )
+            else:
+                compare.append(f"{label} (no profile)")
         flame = (
-            f"<p>{used} sampled profile(s) combined (pyinstrument):</p>"
+            f"<p>{used} sampled profile(s) combined (pyinstrument). Compare: "
+            f"{' · '.join(compare)}</p>"
             f"<iframe class='flame' id='aggregate' "
             f"src='{_e(src)}' title='aggregated profile'></iframe>"
         )

@@ -89,8 +89,11 @@ class RequestStore(Protocol):
     def routes(self) -> list[tuple[str, int]]:
         """Every route with its number of requests kept."""
 
-    def route_sample(self, route: str) -> tuple[list[float], list[list[Any]], list[str]]:
-        """A route's durations, dependency timings and profile ids (newest first)."""
+    def route_sample(
+        self, route: str
+    ) -> tuple[list[float], list[list[Any]], list[tuple[str, float]]]:
+        """A route's durations, dependency timings and ``(profile id, request duration)``
+        of its profiled requests (newest first)."""
 
 
 def _size(record: RequestRecord, spans: bytes | str, deps: str) -> int:
@@ -182,13 +185,15 @@ class MemoryRequestStore:
                 counts[record.route] = counts.get(record.route, 0) + 1
         return sorted(counts.items())
 
-    def route_sample(self, route: str) -> tuple[list[float], list[list[Any]], list[str]]:
+    def route_sample(
+        self, route: str
+    ) -> tuple[list[float], list[list[Any]], list[tuple[str, float]]]:
         with self._lock:
             records = [r for r in reversed(self._items.values()) if r.route == route]
         records = records[:MAX_ROUTE_SAMPLE]
         durations = [r.duration_s for r in records]
         deps = [dep for r in records for dep in r.deps]
-        profiles = [r.profile_id for r in records if r.profile_id]
+        profiles = [(r.profile_id, r.duration_s) for r in records if r.profile_id]
         return durations, deps, profiles
 
     def __len__(self) -> int:
@@ -533,7 +538,9 @@ class SQLiteStore:
         )
         return [(route, count) for route, count in rows]
 
-    def route_sample(self, route: str) -> tuple[list[float], list[list[Any]], list[str]]:
+    def route_sample(
+        self, route: str
+    ) -> tuple[list[float], list[list[Any]], list[tuple[str, float]]]:
         rows = (
             self._connect()
             .execute(
@@ -545,7 +552,7 @@ class SQLiteStore:
         )
         durations = [row[0] for row in rows]
         deps = [dep for row in rows if row[1] != "[]" for dep in json.loads(row[1])]
-        profiles = [row[2] for row in rows if row[2]]
+        profiles = [(row[2], row[0]) for row in rows if row[2]]
         return durations, deps, profiles
 
     def totals(self) -> dict[str, tuple[int, int]]:

@@ -7,6 +7,7 @@ Each page is saved as a screenshot into docs/images/ (shown by docs/dashboard.md
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -194,6 +195,13 @@ def test_the_route_page_shows_percentiles_dependencies_and_the_aggregate(
     frame = page.frame_locator("#aggregate")
     frame.locator("text=get_settings [worker thread]").first.wait_for(timeout=10_000)
     _shot(page, "dashboard-route.png")
+    # The slowest 5 % (of 6 requests: the slowest one) against the rest: 2 profiles in all.
+    text = page.inner_text("main")
+    counts = re.findall(r"(?:the slowest 5 %|the rest) \((\d+) profiles\)", text)
+    assert sum(int(c) for c in counts) == 2, text
+    page.locator("#part-rest, #part-slow").first.click()
+    page.wait_for_selector("text=get_settings [worker thread]", timeout=10_000)
+    assert "Samples" in page.inner_text("body")
 
 
 def test_injected_script_in_path_header_and_exception_is_text(site: Site, page: Any) -> None:

@@ -75,5 +75,16 @@ def test_every_page_escapes_what_requests_influence() -> None:
     assert "&lt;script&gt;alert(2)&lt;/script&gt;" in listing
     detail = _check(request_page(record, "/base", "http://j/trace/{trace_id}", True))
     assert detail.count("&lt;script&gt;alert(2)&lt;/script&gt;") >= 8
-    route = _check(route_page(EVIL, [0.01], record.deps, ["0" * 32], "/base", True, 20))
+    route = _check(route_page(EVIL, [0.01], record.deps, [("0" * 32, 0.01)], "/base", True, 20))
     assert "&lt;script&gt;" in route
+
+
+def test_slowest_five_percent_against_the_rest() -> None:
+    from fastprof.dashboard._pages import percentile, profiles_of_part
+
+    durations = [i / 1000 for i in range(1, 101)]
+    assert percentile(sorted(durations), 95) == 0.095
+    profiled = [("a", 0.099), ("b", 0.01), ("c", 0.095)]
+    assert profiles_of_part(profiled, durations, "slow") == ["a", "c"]
+    assert profiles_of_part(profiled, durations, "rest") == ["b"]
+    assert profiles_of_part(profiled, durations, "all") == ["a", "b", "c"]
