@@ -49,9 +49,12 @@ def _span(
     )
 
 
-def _drive(recorder: Any, count: int, flush_every: int = 5000, first: int = 0) -> None:
-    """``count`` requests of 2 spans each (a late teardown every 10th), as fastprof ends them."""
-    now = time.time_ns()
+def _drive(
+    recorder: Any, count: int, flush_every: int = 5000, first: int = 0, ago_s: float = 0.0
+) -> None:
+    """``count`` requests of 2 spans each (a late teardown every 10th), as fastprof ends them,
+    started ``ago_s`` seconds ago."""
+    now = time.time_ns() - int(ago_s * 1e9)
     dep_attrs = {"fastprof.dependency.kind": "async", "code.function.name": "get_db"}
     teardown_attrs = {**dep_attrs, "fastprof.dependency.phase": "teardown", "pad": "x" * 200}
     for i in range(first, first + count):

@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import httpx
 import pytest
@@ -63,7 +64,6 @@ def test_a_request_stored_again_is_counted_once(tmp_path) -> None:
 def _full_store(path: str, count: int) -> tuple[SQLiteStore, list[str]]:
     """A store filled to ``max_count`` with requests of 10 routes (records built once, copied)."""
     import copy
-    import time
 
     from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 
@@ -97,8 +97,6 @@ def _full_store(path: str, count: int) -> tuple[SQLiteStore, list[str]]:
 
 @pytest.mark.anyio
 async def test_pages_answer_fast_with_a_full_store(tmp_path) -> None:
-    import time
-
     store, keys = _full_store(str(tmp_path / "full.sqlite3"), 20_000)
     assert len(store) == 20_000
     dashboard = fastprof.Dashboard(secret=SECRET, store=store)
@@ -120,4 +118,28 @@ async def test_pages_answer_fast_with_a_full_store(tmp_path) -> None:
             assert response.status_code == 200, name
     print({k: f"{v * 1000:.0f} ms" for k, v in timings.items()})
     assert max(timings.values()) < 1.0, timings  # milliseconds on an idle machine
+    dashboard.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_requests_older_than_the_ttl_are_dropped(tmp_path, kind) -> None:
+    from fastprof.dashboard import MemoryRequestStore
+
+    now = [0.0]
+
+    def clock() -> float:
+        return time.time() + now[0]
+
+    store = (
+        SQLiteStore(str(tmp_path / "ttl.sqlite3"), ttl_s=60, clock=clock)
+        if kind == "sqlite"
+        else MemoryRequestStore(ttl_s=60, clock=clock)
+    )
+    dashboard = fastprof.Dashboard(secret=SECRET, store=store)
+    _drive(dashboard.span_processor, 5, ago_s=50)
+    assert len(store.recent(RequestFilter())) == 5
+    now[0] = 11  # the clock moves on: they are 61 s old
+    assert store.recent(RequestFilter()) == []
+    _drive(dashboard.span_processor, 1, first=100, ago_s=-11)  # a write prunes the old ones
+    assert len(store) == 1
     dashboard.close()
