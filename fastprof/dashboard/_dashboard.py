@@ -302,23 +302,21 @@ class Dashboard:
             raise _Refused
         base = root_path
         try:
+            # Reading the store and rendering run in a worker thread, never on the loop.
             if path in ("", "/"):
                 query = _filter(params)
-                records, routes = await self._run(
-                    lambda: (self.store.recent(query), self.store.routes())
+                store = self.store
+                body = await self._run(
+                    lambda: _pages.requests_page(store.recent(query), query, store.routes(), base)
                 )
-                body = _pages.requests_page(records, query, routes, base)
                 await _send(send, 200, body, "text/html; charset=utf-8", _PAGE_CSP)
                 return
             if path.startswith("/requests/"):
                 key = path[len("/requests/") :]
-                record = await self._run(lambda: self.store.get(key))
-                if record is None:
+                page = await self._run(lambda: self._request_page(key, base))
+                if page is None:
                     raise _Refused
-                body = _pages.request_page(
-                    record, base, self.jaeger_url, self.profiles is not None
-                )
-                await _send(send, 200, body, "text/html; charset=utf-8", _PAGE_CSP)
+                await _send(send, 200, page, "text/html; charset=utf-8", _PAGE_CSP)
                 return
             if path.startswith("/profiles/") and self.profiles is not None:
                 profile_id = path[len("/profiles/") :]
@@ -332,13 +330,7 @@ class Dashboard:
                 return
             if path == "/route" and "route" in params:
                 route = params["route"]
-                durations, deps, profiled = await self._run(
-                    lambda: self.store.route_sample(route)
-                )
-                body = _pages.route_page(
-                    route, durations, deps, profiled, base, self.profiles is not None,
-                    self.aggregate_profiles,
-                )
+                body = await self._run(lambda: self._route_page(route, base))
                 await _send(send, 200, body, "text/html; charset=utf-8", _PAGE_CSP)
                 return
             if path == "/route/flame" and "route" in params and self.profiles is not None:
@@ -383,6 +375,19 @@ class Dashboard:
             }
         )
         await send({"type": "http.response.body", "body": b""})
+
+    def _request_page(self, key: str, base: str) -> bytes | None:
+        record = self.store.get(key)
+        if record is None:
+            return None
+        return _pages.request_page(record, base, self.jaeger_url, self.profiles is not None)
+
+    def _route_page(self, route: str, base: str) -> bytes:
+        durations, deps, profiled = self.store.route_sample(route)
+        return _pages.route_page(
+            route, durations, deps, profiled, base, self.profiles is not None,
+            self.aggregate_profiles,
+        )
 
     def _aggregate(self, route: str, part: str = "all") -> bytes | None:
         """One flame graph of the route's newest profiles, combined (in a worker thread).
