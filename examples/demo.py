@@ -3,6 +3,7 @@ requests, and print each request's trace as a tree.
 
     python examples/demo.py                      # console only, no Jaeger needed
     python examples/demo.py --otlp http://127.0.0.1:4318/v1/traces   # also to Jaeger
+    python examples/demo.py --serve              # then keep serving the dashboard until Ctrl-C
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fastprof
 from fastprof.exporters import setup_tracing
-from fastprof.profiling import mint_token, viewer_token
+from fastprof.profiling import mint_token, mount_viewer, viewer_token
 
 
 def free_port() -> int:
@@ -35,6 +36,9 @@ def free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--otlp", help="also export to this OTLP/HTTP traces URL (e.g. Jaeger)")
+    parser.add_argument(
+        "--serve", action="store_true", help="keep serving (and the dashboard) until Ctrl-C"
+    )
     args = parser.parse_args(argv)
 
     provider = setup_tracing("fastprof-demo", console=True, otlp_endpoint=args.otlp)
@@ -47,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         secret=secret, base_url=f"http://127.0.0.1:{port}/_fastprof/profiles"
     )
     app = create_app()
-    app.mount("/_fastprof/profiles", profiling.viewer())
+    mount_viewer(app, profiling.viewer(), "/_fastprof/profiles")
+    # fastprof's own page: recent requests, waterfalls, flame graphs (docs/dashboard.md).
+    dashboard = fastprof.Dashboard(secret=secret, profiling=profiling, slow_s=0.2)
+    provider.add_span_processor(dashboard.span_processor)
+    dashboard.mount(app, "/_fastprof/dashboard")
     fastprof.instrument(
         app,
         exclude=r"^/_fastprof/",
@@ -89,6 +97,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    profile HTML ({len(page.content)} bytes) from the viewer -> {out}")
             denied = client.get(f"/_fastprof/profiles/{profile_id}")
             print(f"    the viewer without its token answers HTTP {denied.status_code}\n")
+    dashboard.flush()
+    base = f"http://127.0.0.1:{port}/_fastprof/dashboard"
+    ttl = 3600 if args.serve else 300
+    print("--- fastprof's dashboard: recent requests, waterfalls, flame graphs per request/route")
+    login = dashboard.login_url(base, ttl_s=ttl)
+    print(f"    open (signs your browser in, valid {ttl // 60} min): {login}")
+    if not args.serve:
+        print("    (./scripts/demo --serve keeps it open until Ctrl-C)")
+    if args.serve:
+        print("    serving until Ctrl-C")
+        try:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+        except KeyboardInterrupt:
+            print("\n    stopping")
     server.should_exit = True
     thread.join(timeout=10)
     provider.shutdown()

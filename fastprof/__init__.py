@@ -6,6 +6,7 @@ Distribution ``fastprof-asgi``; import name ``fastprof``.
 from fastprof.__about__ import __version__
 from fastprof._context import RequestState, Timing, current_request
 from fastprof._instrument import instrument
+from fastprof.dashboard import Dashboard
 from fastprof.dependencies import DependencySpans
 from fastprof.depends import Depends, Security
 from fastprof.hooks import RequestHooks
@@ -15,6 +16,7 @@ from fastprof.profiling import Profiling
 from fastprof.slow_requests import SlowRequestLog
 
 __all__ = [
+    "Dashboard",
     "Depends",
     "DependencySpans",
     "FastprofMiddleware",

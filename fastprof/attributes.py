@@ -41,6 +41,7 @@ __all__ = [
     "PROFILE_TRIGGER",
     "PROFILE_TRUNCATED",
     "PROFILE_URL",
+    "PROFILE_WAITING_SECONDS",
     "PROFILE_WORKER_CALLS",
     "PROFILE_WORKER_CALLS_INCOMPLETE",
     "REQUEST_ID",
@@ -119,3 +120,5 @@ PROFILE_EVENT: Final = "fastprof.profile"
 PROFILE_TOP_FUNCTION: Final = "fastprof.profile.top.function"
 PROFILE_TOP_LOCATION: Final = "fastprof.profile.top.location"
 PROFILE_TOP_SECONDS: Final = "fastprof.profile.top.seconds"
+#: Time the request's task was suspended while other work ran (pyinstrument's ``[out-of-context]``).
+PROFILE_WAITING_SECONDS: Final = "fastprof.profile.waiting_seconds"

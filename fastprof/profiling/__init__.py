@@ -13,7 +13,7 @@ from fastprof.profiling._documents import FORMATS, Format, render
 from fastprof.profiling._profiling import Profiling
 from fastprof.profiling._tokens import mint_token, viewer_token
 from fastprof.profiling.stores import FileStore, MemoryStore, ProfileMeta, ProfileStore
-from fastprof.profiling.viewer import AuthHook, bearer_auth, viewer_app
+from fastprof.profiling.viewer import AuthHook, bearer_auth, mount_viewer, viewer_app
 
 __all__ = [
     "FORMATS",
@@ -26,6 +26,7 @@ __all__ = [
     "Profiling",
     "bearer_auth",
     "mint_token",
+    "mount_viewer",
     "render",
     "viewer_app",
     "viewer_token",

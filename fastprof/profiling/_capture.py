@@ -437,13 +437,19 @@ class ProfileCapture:
             self._worker_records.extend(records)
 
 
-def hot_frames(session: Session, limit: int) -> list[tuple[str, str, float]]:
-    """The ``limit`` frames with the most self time: ``(function, "file:line", seconds)``.
+def hot_frames(session: Session, limit: int) -> tuple[list[tuple[str, str, float]], float]:
+    """The ``limit`` frames with the most self time, and the request's waiting time.
+
+    Frames are ``(function, "file:line", seconds)``. Samples where the request's
+    task was suspended while other work ran (pyinstrument's ``[out-of-context]``)
+    are not a function's time: they are summed apart, as the second value
+    (seconds).
 
     A single pass over the samples, cheap enough to run on the event loop when
     the request ends: what each distinct frame string is (application code or
     not, its identifier) is worked out once per process, not once per sample.
     """
+    waiting = 0.0
     totals: dict[str, float] = {}
     cache = _FRAME_CACHE
     for stack, duration in session.frame_records:
@@ -466,6 +472,9 @@ def hot_frames(session: Session, limit: int) -> list[tuple[str, str, float]]:
                     continue
                 caller = cache.get(stack[-2]) or _frame_info(stack[-2])
                 key = caller[0] + "\x00" + leaf[0]
+            elif key == _WAITING:
+                waiting += duration
+                continue
         totals[key] = totals.get(key, 0.0) + duration
     top = sorted(totals.items(), key=lambda item: item[1], reverse=True)[:limit]
     out: list[tuple[str, str, float]] = []
@@ -478,7 +487,7 @@ def hot_frames(session: Session, limit: int) -> list[tuple[str, str, float]]:
             function = f"{function} {parts[3]}"
         location = f"{_short_path(path)}:{line}" if path else ""
         out.append((function, location, round(seconds, 6)))
-    return out
+    return out, round(waiting, 6)
 
 
 #: pyinstrument frame string -> (identifier, is application code, key when it is
@@ -487,6 +496,7 @@ def hot_frames(session: Session, limit: int) -> list[tuple[str, str, float]]:
 _FRAME_CACHE: dict[str, tuple[str, bool, str | None]] = {}
 _FRAME_CACHE_MAX = 8192
 _LOOP_FILES = ("asyncio/runners.py", "asyncio/base_events.py", "asyncio/events.py")
+_WAITING = "[out-of-context]"
 
 
 def _frame_info(raw: str) -> tuple[str, bool, str | None]:

@@ -37,6 +37,7 @@ from fastprof.attributes import (
     PROFILE_TRIGGER,
     PROFILE_TRUNCATED,
     PROFILE_URL,
+    PROFILE_WAITING_SECONDS,
     PROFILE_WORKER_CALLS,
     PROFILE_WORKER_CALLS_INCOMPLETE,
 )
@@ -426,7 +427,7 @@ class Profiling(RequestHooks):
         if self._top_frames and session.frame_records:
             # A profile without samples has no hot frames: no event (the span's
             # ``fastprof.profile.samples`` already says 0).
-            top = hot_frames(session, self._top_frames)
+            top, waiting_s = hot_frames(session, self._top_frames)
             span.add_event(
                 PROFILE_EVENT,
                 {
@@ -434,6 +435,8 @@ class Profiling(RequestHooks):
                     PROFILE_TOP_FUNCTION: [f for f, _, _ in top],
                     PROFILE_TOP_LOCATION: [loc for _, loc, _ in top],
                     PROFILE_TOP_SECONDS: [s for _, _, s in top],
+                    # Suspended while other work ran: waiting, not a function's time.
+                    PROFILE_WAITING_SECONDS: waiting_s,
                 },
             )
 

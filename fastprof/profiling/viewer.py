@@ -12,7 +12,9 @@ Routes (relative to the mount point)::
     GET /<id>?format=json       pyinstrument session JSON (``pyinstrument --load``)
 
 Anything unauthorised, malformed or unknown gets the same bare ``404``, so the
-viewer does not reveal that it exists. Rendering runs in a worker thread of the
+viewer does not reveal that it exists. Mount it with :func:`mount_viewer`: the
+bare mount path (no trailing slash) then does not redirect, and the ``404`` is
+the application's own "not found" response. Rendering runs in a worker thread of the
 viewer's own (one at a time), never on the event loop.
 """
 
@@ -30,11 +32,12 @@ from starlette.types import Receive, Scope, Send
 
 from fastprof import _internal_errors
 from fastprof._http import find_header
+from fastprof._mount import mount_hidden, not_found
 from fastprof.profiling import _documents
 from fastprof.profiling._tokens import viewer_token
 from fastprof.profiling.stores import ProfileStore, valid_profile_id
 
-__all__ = ["AuthHook", "bearer_auth", "viewer_app"]
+__all__ = ["AuthHook", "bearer_auth", "mount_viewer", "viewer_app"]
 
 AuthHook = Callable[[Scope], bool]
 
@@ -106,7 +109,7 @@ def viewer_app(
             _internal_errors.report("viewer.auth", exc)
             allowed = False
         if not allowed:
-            await _send(send, 404, b"Not Found", "text/plain; charset=utf-8", None)
+            await not_found(scope, receive, send)
             return
         path: str = scope.get("path", "")
         root_path: str = scope.get("root_path", "")
@@ -127,11 +130,11 @@ def viewer_app(
                 return
             profile_id = path[1:]
             if not valid_profile_id(profile_id) or fmt not in _documents.FORMATS:
-                await _send(send, 404, b"Not Found", "text/plain; charset=utf-8", None)
+                await not_found(scope, receive, send)
                 return
             document = await run(lambda: store.get(profile_id))
             if document is None:
-                await _send(send, 404, b"Not Found", "text/plain; charset=utf-8", None)
+                await not_found(scope, receive, send)
                 return
             body = await run(lambda: _documents.render(document, fmt))
         except Exception as exc:
@@ -143,6 +146,17 @@ def viewer_app(
         await _send(send, 200, body, media, _HTML_CSP if fmt == "html" else None, disposition)
 
     return app
+
+
+def mount_viewer(app: Any, viewer: Any, path: str = "/_fastprof/profiles") -> None:
+    """Mount ``viewer`` on a Starlette/FastAPI ``app`` at ``path`` without revealing it.
+
+    ``app.mount(path, viewer)`` leaves ``GET <path>`` (no trailing slash) to the
+    router, which redirects it to ``<path>/``: proof that something is mounted
+    there. This also routes ``<path>`` to the viewer, and makes the viewer's
+    refusals the application's own "not found" response.
+    """
+    mount_hidden(app, path, viewer)
 
 
 async def _send(

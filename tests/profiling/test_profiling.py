@@ -59,6 +59,10 @@ async def test_valid_token_profiles_request(spans) -> None:
     assert event.attributes is not None
     functions = list(event.attributes["fastprof.profile.top.function"])  # type: ignore[arg-type]
     assert any("spin" in f or "async_hot_alpha" in f for f in functions[:3]), functions
+    # Time suspended while other work ran is waiting, apart from the functions.
+    assert "[out-of-context]" not in functions
+    waiting = event.attributes["fastprof.profile.waiting_seconds"]
+    assert isinstance(waiting, float) and waiting >= 0.0
     assert "async_hot_alpha" in frames_of(profiling, profile_id)
     assert profiling.stats()["stored"] == 1
 

@@ -96,7 +96,7 @@ def test_malformed_format_2_document_is_a_value_error() -> None:
         _documents.decode(gzip.compress(json.dumps(body).encode()))
 
 
-def test_hot_frames_charges_app_lines_awaits_and_out_of_context() -> None:
+def test_hot_frames_charges_app_lines_and_awaits_and_counts_out_of_context_as_waiting() -> None:
     root = [_frame("MainThread", "<thread>", 1)]
     loop = _frame(
         "_run_once", os.path.join(os.path.dirname(asyncio.__file__), "base_events.py"), 1900
@@ -110,12 +110,13 @@ def test_hot_frames_charges_app_lines_awaits_and_out_of_context() -> None:
         ([], 1.0),
     ]
     for _ in range(2):  # the second pass reads the per-frame cache
-        top = _capture.hot_frames(_session(records, root), 10)
+        top, waiting = _capture.hot_frames(_session(records, root), 10)
         assert top == [
             ("handler", "app/handlers.py:20", 0.004),
             ("waiter [await]", "json/decoder.py:7", 0.002),
-            ("[out-of-context]", "", 0.001),
         ]
+        # The loop's own frame and pyinstrument's marker: the task was suspended.
+        assert waiting == 0.001
 
 
 def test_hot_frames_cache_is_bounded(monkeypatch) -> None:
