@@ -37,6 +37,7 @@ from typing import Any
 __all__ = [
     "CONFIG",
     "JAEGER_VERSION",
+    "GoMissing",
     "UI_CONFIG",
     "Jaeger",
     "JaegerSpan",
@@ -64,6 +65,10 @@ class JaegerUnavailable(RuntimeError):
     """Jaeger cannot be built or started here (Go missing, build failed, start timed out)."""
 
 
+class GoMissing(JaegerUnavailable):
+    """No Jaeger binary and no ``go`` to build one."""
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "fastprof" / f"jaeger-{JAEGER_VERSION}"
@@ -84,7 +89,7 @@ def ensure_binary(timeout_s: float = BUILD_TIMEOUT_S) -> Path:
     if binary.is_file() and os.access(binary, os.X_OK):
         return binary
     if shutil.which("go") is None:
-        raise JaegerUnavailable(
+        raise GoMissing(
             f"Jaeger {JAEGER_VERSION} is not built ({binary} is missing) and `go` is not on PATH:"
             " install Go >= 1.24 (https://go.dev/dl/) and run scripts/jaeger build"
         )
