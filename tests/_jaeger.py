@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "jaeger" / "config.yaml"
 UI_CONFIG = ROOT / "examples" / "jaeger" / "ui-config.json"
 SCRIPT = ROOT / "scripts" / "jaeger"
-BUILD_TIMEOUT_S = 45 * 60  # the first build compiles ~1,500 Go packages; later runs reuse it
+BUILD_TIMEOUT_S = 45 * 60  # the first build compiles ~2,300 Go packages; later runs reuse it
 
 #: OTLP span kinds as Jaeger's API v3 returns them (OTLP JSON enum numbers).
 SPAN_KIND_INTERNAL = 1
@@ -137,6 +137,19 @@ class Ports:
     @classmethod
     def default(cls) -> Ports:
         return cls(otlp_grpc=4317, otlp_http=4318, query_http=16686, query_grpc=16685, health=13133)
+
+    @classmethod
+    def preferred(cls) -> Ports:
+        """Jaeger's usual ports when all are free on 127.0.0.1, else free ones."""
+        default = cls.default()
+        for port in (default.otlp_grpc, default.otlp_http, default.query_http,
+                     default.query_grpc, default.health):  # fmt: skip
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    return cls.free()
+        return default
 
 
 class Jaeger:
