@@ -332,6 +332,12 @@ class Jaeger:
         """``GET /api/v3/services``."""
         return list((self._get("/api/v3/services") or {}).get("services", []))
 
+    def operations(self, service: str) -> list[dict[str, str]]:
+        """``GET /api/v3/operations?service=...``: ``[{"name": ..., "spanKind": ...}]``."""
+        return list((self._get("/api/v3/operations", {"service": service}) or {}).get(
+            "operations", []
+        ))
+
     def trace(self, trace_id: str) -> list[JaegerSpan]:
         """``GET /api/v3/traces/{trace_id}``, flattened (empty when Jaeger has no such trace)."""
         return flatten(self._get(f"/api/v3/traces/{trace_id}"))

@@ -235,7 +235,7 @@ def test_service_and_operations_are_listed(recorded: Recorded) -> None:
     """/api/v3/services lists the app's service.name; each route is an operation."""
     assert SERVICE in recorded.jaeger.services()
     assert "jaeger" not in recorded.jaeger.services()  # enable_tracing: false in the config
-    operations = recorded.jaeger._get("/api/v3/operations", {"service": SERVICE})["operations"]
+    operations = recorded.jaeger.operations(SERVICE)
     server_ops = {op["name"] for op in operations if op.get("spanKind") == "server"}
     assert server_ops == set(EXPECTED_SPANS)
 
