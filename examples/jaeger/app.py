@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/demo_app.py
 
-import fastprof
 from demo_app import create_app
+
+import fastprof
 from fastprof.exporters import setup_tracing
 
 setup_tracing(
