@@ -151,7 +151,8 @@ def export_stats(target: BatchSpanProcessor | TracerProvider) -> ExportStats:
     (``error.type=queue_full``) when ``OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED=true``.
 
     Raises:
-        ValueError: ``processor`` was not made by :func:`otlp_span_processor`.
+        ValueError: ``target`` is neither (the provider has no OTLP endpoint, or the
+            processor was made otherwise).
     """
     processor = _by_provider.get(target) if isinstance(target, TracerProvider) else target
     exporter = getattr(processor, "span_exporter", None)
