@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "jaeger" / "config.yaml"
 UI_CONFIG = ROOT / "examples" / "jaeger" / "ui-config.json"
 SCRIPT = ROOT / "scripts" / "jaeger"
-BUILD_TIMEOUT_S = 95 * 60  # the first build compiles ~2,300 Go packages; later runs reuse it
+BUILD_TIMEOUT_S = 125 * 60  # the first build compiles ~2,300 Go packages; later runs reuse it
 
 #: OTLP span kinds as Jaeger's API v3 returns them (OTLP JSON enum numbers).
 SPAN_KIND_INTERNAL = 1
