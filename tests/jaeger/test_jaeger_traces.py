@@ -43,6 +43,7 @@ SECRET = secrets.token_hex(32)
 CLIENT_TRACE_ID = secrets.token_hex(16)
 CLIENT_PARENT_ID = secrets.token_hex(8)
 BLOCK_S = 0.3
+RESOURCE_ATTRIBUTES = "deployment.environment.name=e2e,service.version=1.2.3"
 
 
 # -- the app: module-level callables, so span names are `dependency get_db` etc. ------------
@@ -173,11 +174,9 @@ EXPECTED_SPANS = {
 
 @pytest.fixture(scope="module")
 def recorded(jaeger: Jaeger) -> Iterator[Recorded]:
-    os.environ["OTEL_RESOURCE_ATTRIBUTES"] = "deployment.environment.name=e2e,service.version=1.2.3"
-    try:
+    with pytest.MonkeyPatch.context() as env:  # read once, by the SDK's Resource.create()
+        env.setenv("OTEL_RESOURCE_ATTRIBUTES", RESOURCE_ATTRIBUTES)
         provider = setup_tracing(SERVICE, otlp_endpoint=jaeger.otlp_http_endpoint, set_global=False)
-    finally:
-        del os.environ["OTEL_RESOURCE_ATTRIBUTES"]
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     profile_base_url = f"{base_url}/_fastprof/profiles"
