@@ -228,7 +228,7 @@ class Jaeger:
             return self
         command = self.command()
         if self.log_path is not None:
-            self._log_file = open(self.log_path, "ab")
+            self._log_file = open(self.log_path, "a+b")
         else:
             self._log_file = tempfile.TemporaryFile()
         env = {**os.environ, **self.environment()}
