@@ -375,6 +375,9 @@ def test_unhandled_exception_is_an_error_span(recorded: Recorded) -> None:
     exception = root.event("exception")
     assert exception["exception.type"] == "RuntimeError"
     assert exception["exception.message"] == "endpoint broke"
+    endpoint = named(spans, "fastprof.endpoint")  # the span that raised
+    assert endpoint.status_code == STATUS_ERROR
+    assert endpoint.event("exception")["exception.message"] == "endpoint broke"
 
 
 def test_http_exception_from_a_dependency_is_not_an_error(recorded: Recorded) -> None:
