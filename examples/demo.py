@@ -38,7 +38,9 @@ class _ServerTraces(SpanProcessor):
         self.traces: list[tuple[str, str]] = []
 
     def on_end(self, span: ReadableSpan) -> None:
-        if span.kind == SpanKind.SERVER and span.context is not None:
+        if span.kind != SpanKind.SERVER or span.context is None:
+            return
+        if "/_fastprof/" not in span.name:  # the viewer's own requests (FastAPI's telemetry)
             self.traces.append((span.name, format(span.context.trace_id, "032x")))
 
 
