@@ -19,9 +19,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app: Any, **config: Any) -> Iterator[str]:
-    """Serve ``app`` in a background thread; yield its base URL; stop it after."""
-    port = free_port()
+def serve(app: Any, *, port: int | None = None, **config: Any) -> Iterator[str]:
+    """Serve ``app`` in a background thread; yield its base URL; stop it after.
+
+    ``port``: a port chosen beforehand (when the app must know its own URL); default free.
+    """
+    port = port or free_port()
     options: dict[str, Any] = {"log_level": "critical", "lifespan": "off"}
     options.update(config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **options))

@@ -2,6 +2,6 @@
 
 from fastprof.exporters._setup import setup_tracing
 from fastprof.exporters.console import SpanTreePrinter
-from fastprof.exporters.otlp import otlp_span_processor
+from fastprof.exporters.otlp import ExportStats, export_stats, otlp_span_processor
 
-__all__ = ["SpanTreePrinter", "otlp_span_processor", "setup_tracing"]
+__all__ = ["ExportStats", "SpanTreePrinter", "export_stats", "otlp_span_processor", "setup_tracing"]

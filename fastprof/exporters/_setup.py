@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from fastprof.exporters.console import SpanTreePrinter
-from fastprof.exporters.otlp import otlp_span_processor
+from fastprof.exporters.otlp import _register, otlp_span_processor
 
 __all__ = ["setup_tracing"]
 
@@ -39,7 +39,8 @@ def setup_tracing(
     Args:
         service_name: ``service.name`` resource attribute shown by Jaeger.
         otlp_endpoint: OTLP/HTTP traces URL, e.g. ``http://127.0.0.1:4318/v1/traces``
-            for a local Jaeger; exported through a bounded batch processor.
+            for a local Jaeger; exported through a bounded batch processor
+            (``fastprof.exporters.export_stats(provider)`` counts lost spans).
         console: Also print each trace as a tree (development only).
         set_global: Install it as the global tracer provider (FastAPI's native
             telemetry then turns itself on, and fastprof nests under it).
@@ -54,7 +55,9 @@ def setup_tracing(
         span_limits=span_limits(max_attribute_length),
     )
     if otlp_endpoint:
-        provider.add_span_processor(otlp_span_processor(otlp_endpoint))
+        processor = otlp_span_processor(otlp_endpoint)
+        _register(provider, processor)  # for export_stats(provider)
+        provider.add_span_processor(processor)
     if console:
         provider.add_span_processor(SimpleSpanProcessor(SpanTreePrinter(console_stream)))
     if set_global:

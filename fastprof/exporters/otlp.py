@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-__all__ = ["OtlpProtocol", "otlp_span_processor"]
+__all__ = ["ExportStats", "OtlpProtocol", "export_stats", "otlp_span_processor"]
 
 logger = logging.getLogger("fastprof.exporters")
 
@@ -189,7 +192,7 @@ def otlp_span_processor(
         raise ValueError(f"compression: expected one of {_COMPRESSIONS}, got {compression!r}")
     if not 0 < shutdown_timeout_s <= 60:
         raise ValueError("shutdown_timeout_s: expected a number of seconds in (0, 60]")
-    exporter = _exporter(protocol, endpoint, headers, timeout_s, compression)
+    exporter = _CountingExporter(_exporter(protocol, endpoint, headers, timeout_s, compression))
     return _BoundedBatchSpanProcessor(
         exporter,
         shutdown_timeout_s=shutdown_timeout_s,
@@ -198,3 +201,96 @@ def otlp_span_processor(
         schedule_delay_millis=schedule_delay_s * 1000,
         export_timeout_millis=timeout_s * 1000,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ExportStats:
+    """Spans handed to one fastprof OTLP exporter since it was created.
+
+    Attributes:
+        exported: spans the collector accepted.
+        failed: spans lost because their export failed after the exporter's
+            retries (collector down or unreachable, export timed out, request
+            refused). The batch processor does not retry them.
+    """
+
+    exported: int
+    failed: int
+
+
+class _CountingExporter(SpanExporter):
+    """Counts what the wrapped exporter delivered and what it lost; otherwise delegates.
+
+    Called from the batch processor's worker thread (and ``force_flush`` callers),
+    never from a request. Two integers: bounded whatever the traffic.
+    """
+
+    __slots__ = ("_exported", "_exporter", "_failed", "_lock")
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self._exporter = exporter
+        self._lock = threading.Lock()
+        self._exported = 0
+        self._failed = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self._exporter.export(spans)
+        except BaseException:
+            self._add(0, len(spans))
+            raise
+        if result is SpanExportResult.SUCCESS:
+            self._add(len(spans), 0)
+        else:
+            self._add(0, len(spans))
+        return result
+
+    def _add(self, exported: int, failed: int) -> None:
+        with self._lock:
+            self._exported += exported
+            self._failed += failed
+
+    def stats(self) -> ExportStats:
+        with self._lock:
+            return ExportStats(exported=self._exported, failed=self._failed)
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+
+# Providers made by setup_tracing() -> their OTLP processor (weak: gone with the provider).
+_by_provider: weakref.WeakKeyDictionary[TracerProvider, BatchSpanProcessor] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _register(provider: TracerProvider, processor: BatchSpanProcessor) -> None:
+    _by_provider[provider] = processor
+
+
+def export_stats(target: BatchSpanProcessor | TracerProvider) -> ExportStats:
+    """How many spans were exported and lost by a processor from :func:`otlp_span_processor`.
+
+    ``target`` is that processor, or the provider ``setup_tracing(otlp_endpoint=...)``
+    returned.
+
+    Spans the processor dropped because its queue was full never reach the
+    exporter: the OpenTelemetry SDK logs those (``Queue full, dropping span``)
+    and counts them in its own ``otel.sdk.processor.span.processed`` metric
+    (``error.type=queue_full``) when ``OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED=true``.
+
+    Raises:
+        ValueError: ``target`` is neither (the provider has no OTLP endpoint, or the
+            processor was made otherwise).
+    """
+    processor = _by_provider.get(target) if isinstance(target, TracerProvider) else target
+    exporter = getattr(processor, "span_exporter", None)
+    if not isinstance(exporter, _CountingExporter):
+        raise ValueError(
+            "target: expected a processor made by otlp_span_processor() or a provider made by"
+            " setup_tracing(otlp_endpoint=...)"
+        )
+    return exporter.stats()
