@@ -187,3 +187,44 @@ def test_fastprof_imported_from_a_hook_while_fastapi_is_being_imported(tmp_path:
     )
     assert out.returncode == 0, out.stderr
     assert "GET /items/{item_id}" in out.stdout
+
+
+def test_a_token_used_on_one_worker_is_refused_on_the_other(tmp_path: Path) -> None:
+    """``fastprof run --workers 2`` with FASTPROF_SECRET and a shared
+    FASTPROF_PROFILING_STORE_DIR: a profile token is single-use across both workers, and
+    either worker's viewer lists the profile the other took."""
+    from fastprof.profiling import mint_token, viewer_token
+
+    secret = "deploy-test-secret-" + "x" * 32
+    env = environment(
+        {
+            "OTEL_TRACES_EXPORTER": "none",
+            "FASTPROF_SECRET": secret,
+            "FASTPROF_PROFILING_STORE_DIR": str(tmp_path / "profiles"),
+            "FASTPROF_PROFILING_VIEWER_PATH": "/_fastprof/profiles",
+        }
+    )
+    with serve(run_argv("--workers", "2", "fixture_app:app"), env, tmp_path) as server:
+        assert len(hit_every_worker(server, "/items/1", 2)) == 2, server.output()
+        token = {"x-fastprof-profile": mint_token(secret)}
+        first = server.get("/items/1", token)
+        assert first.status_code == 200
+        profile_id = first.headers.get("x-fastprof-profile-id")
+        assert profile_id, server.output()
+        first_pid = first.json()["pid"]
+        # The same token, on new connections, until the other worker answers it.
+        other = None
+        for _ in range(200):
+            again = server.get("/items/1", token)
+            assert again.status_code == 200  # refused tokens never fail the request
+            assert "x-fastprof-profile-id" not in again.headers  # single-use, on any worker
+            if again.json()["pid"] != first_pid:
+                other = again
+                break
+        assert other is not None, "the other worker never answered"
+        viewer = {"authorization": f"Bearer {viewer_token(secret)}"}
+        # Whichever worker answers (new connections), its viewer lists the profile.
+        for _ in range(10):
+            listed = server.get("/_fastprof/profiles/?format=json", viewer)
+            assert listed.status_code == 200, server.output()
+            assert profile_id in listed.text
