@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from opentelemetry.trace import Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocketDisconnect
 
 from fastprof import _internal_errors
 from fastprof._context import SCOPE_KEY, RequestState, current_request
@@ -35,8 +36,8 @@ from fastprof.middleware._settings import Settings
 __all__ = ["WebSocketSession", "start_session"]
 
 SPAN_PREFIX: Final = "WEBSOCKET"
-#: Close codes that mean the server failed (1011: internal error).
-_ERROR_CLOSE_CODES: Final = frozenset({1011})
+#: Close codes that mean the session failed (1006: abnormal closure, 1011: internal error).
+_ERROR_CLOSE_CODES: Final = frozenset({1006, 1011})
 
 
 def start_session(settings: Settings, scope: Scope) -> LeanRequest | WebSocketSession:
@@ -197,15 +198,23 @@ class WebSocketSession(LeanRequest):
             WEBSOCKET_MESSAGES_SENT: self._sent,
             WEBSOCKET_ACCEPTED: self._accepted,
         }
+        if isinstance(error, WebSocketDisconnect):
+            # The client closed: how the application learns it, not a failure.
+            if self._close_code is None:
+                self._close_code = error.code
+            error = None
         code = self._close_code
         if code is not None:
             attrs[WEBSOCKET_CLOSE_CODE] = code
-        if self._owned:
-            route = self.state.route
-            if route is not None:
-                route = truncate(route, self._settings.max_attribute_length)
-                attrs["http.route"] = route
-                span.update_name(f"{SPAN_PREFIX} {route}")
+        if not self._owned:
+            # Another layer's span: its owner records the route, errors and status.
+            span.set_attributes(attrs)
+            return
+        route = self.state.route
+        if route is not None:
+            route = truncate(route, self._settings.max_attribute_length)
+            attrs["http.route"] = route
+            span.update_name(f"{SPAN_PREFIX} {route}")
         failure: str | None = None
         if error is not None:
             failure = error_type(error)
@@ -215,6 +224,5 @@ class WebSocketSession(LeanRequest):
             failure = str(code)
         if failure is not None:
             attrs["error.type"] = failure
-            if self._owned:
-                span.set_status(Status(StatusCode.ERROR))
+            span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attrs)

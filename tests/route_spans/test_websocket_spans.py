@@ -195,3 +195,27 @@ async def test_a_block_in_a_session_is_attributed_to_it(spans: SpanRecorder) -> 
     assert (event.attributes or {})["code.function.name"] == "ws"
     # A session's length is not slowness: no slow-request line for it.
     assert not [entry for entry in logs if entry.get("event") == "slow request"]
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1006])
+async def test_a_client_disconnect_is_a_close_not_an_error(spans: SpanRecorder, code: int) -> None:
+    """The endpoint learns of the close by WebSocketDisconnect: no exception event; only an
+    abnormal closure (1006) marks the span as failed."""
+    from starlette.websockets import WebSocketDisconnect
+
+    app = FastAPI()
+
+    @app.websocket("/ws")
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+
+    fastprof.instrument(app, tracer_provider=spans.provider)
+    rec = await drive_websocket(app, "/ws", [{"type": "websocket.disconnect", "code": code}])
+    assert isinstance(rec.exception_object, WebSocketDisconnect)
+    (server,) = spans.server()
+    assert server.events == ()  # no exception event
+    attrs = server.attributes or {}
+    assert attrs[names.WEBSOCKET_CLOSE_CODE] == code
+    failed = server.status.status_code == StatusCode.ERROR
+    assert failed == (code == 1006)
