@@ -6,12 +6,14 @@ Distribution ``fastprof-asgi``; import name ``fastprof``.
 from fastprof.__about__ import __version__
 from fastprof._context import RequestState, Timing, current_request
 from fastprof._instrument import instrument
+from fastprof.capture import SlowRequestCapture
 from fastprof.dependencies import DependencySpans
 from fastprof.depends import Depends, Security
 from fastprof.hooks import RequestHooks
 from fastprof.loop import LoopMonitor
 from fastprof.middleware import FastprofMiddleware
 from fastprof.profiling import Profiling
+from fastprof.server_timing import ServerTiming
 from fastprof.slow_requests import SlowRequestLog
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "RequestHooks",
     "RequestState",
     "Security",
+    "ServerTiming",
+    "SlowRequestCapture",
     "SlowRequestLog",
     "Timing",
     "__version__",

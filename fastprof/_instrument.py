@@ -9,11 +9,13 @@ from typing import Any, TypeVar, Unpack
 from starlette.applications import Starlette
 
 from fastprof import _internal_errors
+from fastprof.capture import SlowRequestCapture
 from fastprof.dependencies import DependencySpans
 from fastprof.hooks import RequestHooks
 from fastprof.loop import LoopMonitor
 from fastprof.middleware import FastprofMiddleware, MiddlewareOptions
 from fastprof.profiling import Profiling
+from fastprof.server_timing import ServerTiming
 from fastprof.slow_requests import SlowRequestLog
 
 __all__ = ["instrument"]
@@ -59,6 +61,8 @@ def instrument(
     profiling: Profiling | None = None,
     loop_monitor: LoopMonitor | None = None,
     slow_requests: SlowRequestLog | None = None,
+    slow_capture: SlowRequestCapture | None = None,
+    server_timing: ServerTiming | None = None,
     **options: Unpack[MiddlewareOptions],
 ) -> AppT:
     """Instrument a Starlette or FastAPI application in place and return it.
@@ -77,6 +81,10 @@ def instrument(
         profiling: On-demand profiles (:class:`~fastprof.Profiling`).
         loop_monitor: Event-loop health (:class:`~fastprof.LoopMonitor`).
         slow_requests: One log line per slow request (:class:`~fastprof.SlowRequestLog`).
+        slow_capture: The span tree of slow requests head sampling dropped
+            (:class:`~fastprof.SlowRequestCapture`).
+        server_timing: ``Server-Timing`` headers for the requests you allow
+            (:class:`~fastprof.ServerTiming`).
         **options: The middleware's options (:class:`~fastprof.FastprofMiddleware`):
             ``tracer_provider``, ``exclude``, ``request_id_header``,
             ``response_request_id_header``, ``query``, ``redact_query_keys``,
@@ -101,6 +109,12 @@ def instrument(
         raise ValueError(
             f"slow_requests: expected a fastprof.SlowRequestLog, got {slow_requests!r}"
         )
+    if slow_capture is not None and not isinstance(slow_capture, SlowRequestCapture):
+        raise ValueError(
+            f"slow_capture: expected a fastprof.SlowRequestCapture, got {slow_capture!r}"
+        )
+    if server_timing is not None and not isinstance(server_timing, ServerTiming):
+        raise ValueError(f"server_timing: expected a fastprof.ServerTiming, got {server_timing!r}")
     if getattr(app, _MARKER, False):
         return app
     user_hooks: tuple[RequestHooks, ...] = tuple(options.get("hooks", ()))
@@ -117,9 +131,19 @@ def instrument(
             # The slow-request log explains unsampled requests too.
             timings_when_unsampled=slow_requests is not None,
             profiled_requests=profiling is not None and profiling.enabled,
+            on_demand=slow_capture is not None or server_timing is not None,
         )
+    if slow_capture is not None:
+        slow_capture = slow_capture._configured(tracer_provider)
     # The middleware runs them in their declared order (RequestHooks.order).
-    components = (profiling, dependency_spans, loop_monitor, slow_requests)
+    components = (
+        profiling,
+        slow_capture,
+        server_timing,
+        dependency_spans,
+        loop_monitor,
+        slow_requests,
+    )
     options["hooks"] = user_hooks + tuple(h for h in components if h is not None)
     if profiling is not None:
         # A profiling token in the query string is a credential.

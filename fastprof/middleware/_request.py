@@ -40,6 +40,7 @@ from fastprof._otel import (
     foreign_server_span,
     with_ambient,
 )
+from fastprof._records import Record
 from fastprof._routes import resolve_route
 from fastprof.attributes import CLIENT_DISCONNECTED, REQUEST_ID, TIME_TO_RESPONSE_START_S
 from fastprof.hooks import HookSet, RequestHooks
@@ -311,6 +312,8 @@ class TracedRequest(LeanRequest):
             state.finalize_route()
             if self._recording:
                 self._annotate(state.span, error)
+            elif state._capture is not None and state._capture.wanted:
+                self._annotate_capture(scope, state._capture.root, error)
         except Exception as exc:
             _internal_errors.report("request_end", exc)
         for hook in self._hooks.end:
@@ -328,7 +331,25 @@ class TracedRequest(LeanRequest):
             except Exception as exc:  # pragma: no cover - SDK failure
                 _internal_errors.report("span_end", exc)
 
-    def _annotate(self, span: trace.Span, error: BaseException | None) -> None:
+    def _annotate_capture(self, scope: Scope, root: Record, error: BaseException | None) -> None:
+        """An unsampled request the slow-request capture exports: its SERVER span's
+        record gets what a recording span would have (request attributes included)."""
+        settings = self._settings
+        attrs: dict[str, Any] = {}
+        if self._owned:
+            attrs = request_attributes(
+                scope,
+                scope.get("headers") or [],
+                method_attributes(self.state.method),
+                settings.max_attribute_length,
+                settings.query,
+                settings.sensitive_keys,
+            )
+        attrs[REQUEST_ID] = self.state.request_id
+        root.set_attributes(attrs)
+        self._annotate(root, error)
+
+    def _annotate(self, span: trace.Span | Record, error: BaseException | None) -> None:
         state = self.state
         limit = self._settings.max_attribute_length
         attrs: dict[str, Any] = {}
