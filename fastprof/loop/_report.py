@@ -26,7 +26,8 @@ Cause = Literal["cpu", "wait", "gc"]
 
 #: A block is ``gc`` when garbage collection took at least this share of it...
 GC_SHARE: Final = 0.5
-#: ...else ``cpu`` when the loop thread was on a CPU for at least this share, else ``wait``.
+#: ...else ``cpu`` when the loop thread was on a CPU, or runnable and waiting for
+#: one (a busy machine), for at least this share, else ``wait``.
 CPU_SHARE: Final = 0.5
 
 
@@ -63,7 +64,9 @@ def cause_of(
     """``(cpu_s, gc_s, cause)`` of a block of ``duration_s``, from two readings.
 
     The readings span the part of the block the watchdog saw (its first sample to
-    its end); the shares measured there are applied to the whole duration.
+    its end); the shares measured there are applied to the whole duration. Time
+    the loop thread was runnable but waiting for a CPU (another process had it)
+    counts towards ``cpu``: the thread wanted to compute.
     """
     if first is None or last is None:
         return None, None, None
@@ -76,9 +79,11 @@ def cause_of(
     if math.isnan(cpu):
         return None, gc_s, "gc" if gc_share >= GC_SHARE else None
     cpu_share = min(max(cpu / window, 0.0), 1.0)
+    queued = last[3] - first[3]
+    wanted_share = cpu_share + (0.0 if math.isnan(queued) else max(queued, 0.0) / window)
     if gc_share >= GC_SHARE:
         cause: Cause = "gc"
-    elif cpu_share >= CPU_SHARE:
+    elif wanted_share >= CPU_SHARE:
         cause = "cpu"
     else:
         cause = "wait"

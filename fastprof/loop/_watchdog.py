@@ -39,6 +39,7 @@ import asyncio
 import contextvars
 import gc
 import math
+import os
 import sys
 import threading
 import time
@@ -52,9 +53,12 @@ __all__ = ["MAX_BLOCKS_PER_BEAT", "Block", "Frame", "LoopWatchdog", "Reading", "
 Frame = tuple[str, int, str]
 """``(file path, line number, function name)`` of one stack frame."""
 
-Reading = tuple[float, float, float]
-"""``(perf_counter s, loop thread CPU s, loop thread GC s)``; CPU is NaN when the
-platform cannot read another thread's CPU clock."""
+Reading = tuple[float, float, float, float]
+"""``(perf_counter s, loop thread CPU s, loop thread GC s, loop thread run-queue s)``.
+
+CPU is NaN when the platform cannot read another thread's CPU clock; the
+run-queue time (runnable, waiting for a CPU: Linux ``schedstat``) is NaN when
+the kernel does not tell it."""
 
 #: Blocks one late heartbeat is split into at most (later owners join the last one).
 MAX_BLOCKS_PER_BEAT = 16
@@ -147,6 +151,7 @@ class LoopWatchdog:
         #: The blocks of the late heartbeat being watched (all with its seq).
         self._blocks: list[Block] = []
         self._cpu_clock: int | None = None
+        self._schedstat: str | None = None
         # Garbage collection on the loop thread: total seconds, and the start of
         # the collection in progress (0.0: none). Written by gc.callbacks.
         self._gc_total = 0.0
@@ -176,6 +181,9 @@ class LoopWatchdog:
             time.clock_gettime(self._cpu_clock)
         except (AttributeError, OSError):  # pragma: no cover - not on this platform
             self._cpu_clock = None
+        self._schedstat = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+        if math.isnan(self._run_delay()):
+            self._schedstat = None
         if self._on_gc not in gc.callbacks:
             gc.callbacks.append(self._on_gc)
         self._schedule(loop, seq=0)
@@ -224,7 +232,21 @@ class LoopWatchdog:
             cpu = math.nan
         started = self._gc_started
         gc_s = self._gc_total + (now - started if started else 0.0)
-        return (now, cpu, gc_s)
+        return (now, cpu, gc_s, self._run_delay())
+
+    def _run_delay(self) -> float:
+        """Seconds the loop thread has spent runnable but waiting for a CPU (Linux)."""
+        path = self._schedstat
+        if path is None:
+            return math.nan
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return int(os.read(fd, 128).split()[1]) / 1e9
+            finally:
+                os.close(fd)
+        except (OSError, ValueError, IndexError):
+            return math.nan
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         # Any thread's collections: only the loop thread's count.
