@@ -1,8 +1,7 @@
-"""Why the loop was blocked: CPU and GC time of the loop thread, and a cause, on asyncio and uvloop."""
+"""Why the loop was blocked (CPU and GC time of the loop thread, a cause), asyncio and uvloop."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import time
 from collections.abc import Iterator
