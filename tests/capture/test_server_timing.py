@@ -71,7 +71,7 @@ async def test_allowed_request_gets_phases_and_slowest_dependencies(sampler: Any
         "dep1",
         "dep2",
     ]
-    assert entries["endpoint"]["desc"] == '"get_item"'
+    assert entries["endpoint"]["desc"].endswith('get_item"')
     assert float(entries["endpoint"]["dur"]) >= 9.0
     # Slowest first.
     assert entries["dep1"]["desc"] == '"slow_dep"'
