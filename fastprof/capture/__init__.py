@@ -124,6 +124,8 @@ class SlowRequestCapture(RequestHooks):
             if not isinstance(route, str) or not route.startswith("/"):
                 raise ValueError(f"routes: {route!r} is not a route template starting with '/'")
             self.routes[route] = check_seconds(f"routes[{route!r}]", seconds, 0.0, 86_400.0)
+        #: No request faster than this is exported (the route is resolved only past it).
+        self._min_threshold = min([self.threshold_s, *self.routes.values()])
         self.max_per_minute = check_int("max_per_minute", max_per_minute, 1, 100_000)
         self.max_spans = check_int("max_spans", max_spans, 0, 10_000)
         self.teardown_wait_s = check_seconds("teardown_wait_s", teardown_wait_s, 0.0, 3600.0)
@@ -206,7 +208,12 @@ class SlowRequestCapture(RequestHooks):
         buffer: CaptureBuffer | None = state._capture
         if buffer is None:
             return
-        if state.elapsed_s() >= self.threshold_for(state.route) and self._limit.allow():
+        elapsed = state.elapsed_s()
+        if (
+            elapsed >= self._min_threshold
+            and elapsed >= self.threshold_for(state.route if self.routes else None)
+            and self._limit.allow()
+        ):
             buffer.wanted = True  # the middleware now annotates its root like a span
         else:
             state._capture = None  # fast: its records go with the request
