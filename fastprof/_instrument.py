@@ -117,6 +117,12 @@ def instrument(
         raise ValueError(f"server_timing: expected a fastprof.ServerTiming, got {server_timing!r}")
     if getattr(app, _MARKER, False):
         return app
+    if (
+        server_timing is not None
+        and server_timing.allow is None
+        and (profiling is None or not profiling.enabled)
+    ):
+        server_timing = None  # profiled requests only, and nothing is profiled
     user_hooks: tuple[RequestHooks, ...] = tuple(options.get("hooks", ()))
     tracer_provider = options.get("tracer_provider")
     dependency_spans: DependencySpans | None = None

@@ -116,6 +116,7 @@ class Record:
         self.name = name
 
     def end(self, end_time: int | None = None) -> None:
+        """End it at ``end_time`` (wall-clock ns), else now."""
         if self.end_time is None:
             self.end_time = end_time if end_time is not None else time.time_ns()
 
@@ -129,11 +130,24 @@ class Record:
 class CaptureBuffer:
     """One unsampled request's records: the SERVER span's, and up to ``max_records`` more."""
 
-    __slots__ = ("dropped", "handle", "headers", "max_records", "records", "root", "wanted")
+    __slots__ = (
+        "dropped",
+        "epoch_offset",
+        "handle",
+        "headers",
+        "max_records",
+        "records",
+        "root",
+        "wanted",
+    )
 
-    def __init__(self, name: str, start_time: int, max_records: int) -> None:
-        #: The request's SERVER span (named like fastprof's, attributes at the end).
-        self.root = Record(name, {}, start_time, None)
+    def __init__(self, name: str, start_ns: int, max_records: int) -> None:
+        #: Wall-clock ns minus ``perf_counter_ns()``: every record of the request is
+        #: timed with the monotonic clock and this one offset, so they order exactly.
+        self.epoch_offset = time.time_ns() - time.perf_counter_ns()
+        #: The request's SERVER span (named like fastprof's, attributes at the end),
+        #: from ``start_ns`` (``perf_counter_ns()``).
+        self.root = Record(name, {}, start_ns + self.epoch_offset, None)
         self.records: list[Record] = []
         self.max_records = max_records
         #: Records refused by the cap.

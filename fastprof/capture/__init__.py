@@ -194,12 +194,8 @@ class SlowRequestCapture(RequestHooks):
             return
         if not span.get_span_context().is_valid:
             return
-        now = time.perf_counter_ns()
-        buffer = CaptureBuffer(
-            SPAN_METHODS.get(state.method, "HTTP"),
-            time.time_ns() - (now - state.start_ns),
-            self.max_spans,
-        )
+        name = SPAN_METHODS.get(state.method, "HTTP")
+        buffer = CaptureBuffer(name, state.start_ns, self.max_spans)
         buffer.headers = scope.get("headers")
         state._capture = buffer
         state._wants_timings = True
@@ -222,7 +218,7 @@ class SlowRequestCapture(RequestHooks):
         buffer: CaptureBuffer | None = state._capture
         if buffer is None or not buffer.wanted:
             return
-        buffer.root.end()
+        buffer.root.end(time.perf_counter_ns() + buffer.epoch_offset)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - not on a loop

@@ -144,6 +144,7 @@ class DependencySpans(RequestHooks):
         if max_spans == 0 and state._capture is not None:
             # The slow-request capture follows it: cheap records instead of spans.
             tracker.records = state._capture
+            tracker.epoch_offset = state._capture.epoch_offset
         tracker.token = active.set(tracker)
 
     def on_request_end(self, state: RequestState) -> None:

@@ -288,7 +288,7 @@ def leave_solve(tracker: Tracker, node: Node, result: Any) -> None:
             if node.span:
                 node.span.end()  # the fastprof.dependencies phase
             elif node.record is not None:
-                node.record.end()
+                node.record.end(time.perf_counter_ns() + node.tracker.epoch_offset)
         return
     node.ready_ns = time.perf_counter_ns()
     if result.errors:

@@ -122,7 +122,7 @@ def _within(child: ReadableSpan, parent: ReadableSpan) -> bool:
 async def test_slow_unsampled_request_exports_its_whole_tree() -> None:
     spans = SpanRecorder(sampler=ALWAYS_OFF)
     seen_contexts.clear()
-    app = _app(spans, fastprof.SlowRequestCapture(threshold_s=0.1))
+    app = _app(spans, fastprof.SlowRequestCapture(threshold_s=0.18))
     async with client(app) as c:
         response = await c.get("/fast")
         assert response.status_code == 200
