@@ -333,23 +333,29 @@ class TracedRequest(LeanRequest):
 
     def _annotate_capture(self, scope: Scope, root: Record, error: BaseException | None) -> None:
         """An unsampled request the slow-request capture exports: its SERVER span's
-        record gets what a recording span would have (request attributes included)."""
+        record gets what a recording span fastprof owns would have (even when the
+        dropped span was another layer's: the record is fastprof's)."""
         settings = self._settings
-        attrs: dict[str, Any] = {}
-        if self._owned:
-            attrs = request_attributes(
-                scope,
-                scope.get("headers") or [],
-                method_attributes(self.state.method),
-                settings.max_attribute_length,
-                settings.query,
-                settings.sensitive_keys,
-            )
+        method = self.state.method
+        attrs = request_attributes(
+            scope,
+            scope.get("headers") or [],
+            method_attributes(method),
+            settings.max_attribute_length,
+            settings.query,
+            settings.sensitive_keys,
+        )
         attrs[REQUEST_ID] = self.state.request_id
         root.set_attributes(attrs)
-        self._annotate(root, error)
+        self._annotate(root, error, owned=True, span_method=SPAN_METHODS.get(method, "HTTP"))
 
-    def _annotate(self, span: trace.Span | Record, error: BaseException | None) -> None:
+    def _annotate(
+        self,
+        span: trace.Span | Record,
+        error: BaseException | None,
+        owned: bool | None = None,
+        span_method: str | None = None,
+    ) -> None:
         state = self.state
         limit = self._settings.max_attribute_length
         attrs: dict[str, Any] = {}
@@ -357,7 +363,7 @@ class TracedRequest(LeanRequest):
             attrs[TIME_TO_RESPONSE_START_S] = self._ttfb_s
         if self._disconnected:
             attrs[CLIENT_DISCONNECTED] = True
-        if not self._owned:
+        if not (self._owned if owned is None else owned):
             span.set_attributes(attrs)
             return
         status = state.status_code
@@ -369,7 +375,7 @@ class TracedRequest(LeanRequest):
         if state.route is not None:
             route = truncate(state.route, limit)
             attrs["http.route"] = route
-            span.update_name(f"{self._span_method} {route}")
+            span.update_name(f"{span_method or self._span_method} {route}")
         failure: str | None = None
         if error is not None:
             failure = error_type(error)

@@ -422,3 +422,32 @@ def test_concurrent_slow_requests_on_uvicorn_do_not_mix() -> None:
                 assert span.parent is not None and span.parent.span_id in ids
         first_span = tree["dependency first"]
         assert first_span.end_time - first_span.start_time >= 0.05e9 * (n % 3) * 0.9
+
+
+@pytest.mark.anyio
+async def test_with_fastapi_native_telemetry_the_dropped_native_span_is_the_root() -> None:
+    if "telemetry" not in FastAPI.__init__.__code__.co_varnames:
+        pytest.skip("FastAPI < 0.142 has no native telemetry")
+    spans = SpanRecorder(sampler=ALWAYS_OFF)
+    app = FastAPI(telemetry={"tracer_provider": spans.provider})
+    seen_contexts.clear()
+
+    @app.get("/native/{n}")
+    async def native(n: int, a: int = Depends(outer_dep)) -> dict[str, int]:
+        seen_contexts.append(trace.get_current_span().get_span_context())
+        await asyncio.sleep(0.12)
+        return {}
+
+    fastprof.instrument(
+        app, tracer_provider=spans.provider, slow_capture=fastprof.SlowRequestCapture(0.1)
+    )
+    async with client(app) as c:
+        assert (await c.get("/native/1")).status_code == 200
+    [server] = spans.server()
+    assert server.name == "GET /native/{n}"
+    assert server.attributes["http.route"] == "/native/{n}"
+    assert server.attributes[CAPTURE] == "slow"
+    [seen] = seen_contexts
+    assert server.context.trace_id == seen.trace_id
+    names = {s.name for s in spans.all()}
+    assert {"dependency outer_dep", "dependency sync_dep"} <= names
