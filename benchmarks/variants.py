@@ -380,3 +380,21 @@ def _fastprof_slowlog(ctx: SetupContext) -> ASGIApp:
         option="slow_requests",
         candidates=(_fastprof_object("SlowRequestLog"), _const(True)),
     )
+
+
+@variant(
+    "fastprof-capture-unsampled",
+    "fastprof.instrument(slow_capture=SlowRequestCapture(1 s): never exports here), ALWAYS_OFF",
+    requires=_needs_instrument_option("slow_capture"),
+    default=False,
+)
+def _fastprof_capture_unsampled(ctx: SetupContext) -> ASGIApp:
+    # Dependency spans on (the default), as fastprof-deps-unsampled: the difference
+    # between the two is what the capture's records cost a request under the threshold.
+    import fastprof
+
+    return fastprof.instrument(
+        create_app(),
+        tracer_provider=ctx.tracer_provider(sampled=False),
+        slow_capture=fastprof.SlowRequestCapture(threshold_s=1.0),
+    )

@@ -6,6 +6,7 @@ Distribution ``fastprof-asgi``; import name ``fastprof``.
 from fastprof.__about__ import __version__
 from fastprof._context import RequestState, Timing, current_request
 from fastprof._instrument import instrument
+from fastprof.capture import SlowRequestCapture
 from fastprof.dashboard import Dashboard
 from fastprof.dependencies import DependencySpans
 from fastprof.depends import Depends, Security
@@ -13,6 +14,7 @@ from fastprof.hooks import RequestHooks
 from fastprof.loop import LoopMonitor
 from fastprof.middleware import FastprofMiddleware
 from fastprof.profiling import Profiling
+from fastprof.server_timing import ServerTiming
 from fastprof.slow_requests import SlowRequestLog
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "RequestHooks",
     "RequestState",
     "Security",
+    "ServerTiming",
+    "SlowRequestCapture",
     "SlowRequestLog",
     "Timing",
     "__version__",

@@ -90,6 +90,21 @@ class RequestState:
     _dependencies: Any = None
     #: The asyncio task serving this request (loop monitor).
     _task: Any = None
+    #: The span (or capture record) of the innermost dependency running on the
+    #: loop for this request, set with :attr:`current_operation` (dependency
+    #: spans); read by the loop watchdog's thread to put a block's event on it.
+    _operation_span: Any = None
+    #: Called by dependency spans as a dependency that ran on the loop ends,
+    #: before its span ends: ``(state, span)`` (the loop monitor reports a block
+    #: in progress in it while the span is open).
+    _operation_end: Callable[[RequestState, Any], None] | None = None
+    #: The slow-request capture's records of this unsampled request (slow capture).
+    _capture: Any = None
+    #: Record timings (no spans) for this request even if unsampled (set at
+    #: request start by a component that reads them: capture, Server-Timing).
+    _wants_timings: bool = False
+    #: This request's response gets a ``Server-Timing`` header (Server-Timing).
+    _server_timing: bool = False
 
     def __init__(
         self,
@@ -205,6 +220,7 @@ class RequestState:
             self._route_resolver = None
         self._id_headers = None
         self._profile = self._dependencies = self._task = None
+        self._operation_end = self._capture = None
 
     def elapsed_s(self) -> float:
         """Seconds since the request started."""

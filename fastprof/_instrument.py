@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 from starlette.applications import Starlette
 
 from fastprof import _internal_errors
+from fastprof.capture import SlowRequestCapture
 from fastprof.dependencies import DependencySpans
 from fastprof.hooks import RequestHooks
 from fastprof.loop import LoopMonitor
 from fastprof.middleware import FastprofMiddleware, MiddlewareOptions
 from fastprof.profiling import Profiling
+from fastprof.server_timing import ServerTiming
 from fastprof.slow_requests import SlowRequestLog
 
 if TYPE_CHECKING:
@@ -63,6 +65,8 @@ def instrument(
     loop_monitor: LoopMonitor | None = None,
     slow_requests: SlowRequestLog | None = None,
     metrics: PrometheusMetrics | None = None,
+    slow_capture: SlowRequestCapture | None = None,
+    server_timing: ServerTiming | None = None,
     **options: Unpack[MiddlewareOptions],
 ) -> AppT:
     """Instrument a Starlette or FastAPI application in place and return it.
@@ -85,6 +89,10 @@ def instrument(
             every request, and the loop monitor's and profiling's data given here
             too; serve them with ``app.add_route("/metrics", metrics.app())`` (see
             ``docs/deployment.md``).
+        slow_capture: The span tree of slow requests head sampling dropped
+            (:class:`~fastprof.SlowRequestCapture`).
+        server_timing: ``Server-Timing`` headers for the requests you allow
+            (:class:`~fastprof.ServerTiming`).
         **options: The middleware's options (:class:`~fastprof.FastprofMiddleware`):
             ``tracer_provider``, ``exclude``, ``request_id_header``,
             ``response_request_id_header``, ``query``, ``redact_query_keys``,
@@ -116,10 +124,22 @@ def instrument(
             raise ValueError(
                 f"metrics: expected a fastprof.prometheus.PrometheusMetrics, got {metrics!r}"
             )
+    if slow_capture is not None and not isinstance(slow_capture, SlowRequestCapture):
+        raise ValueError(
+            f"slow_capture: expected a fastprof.SlowRequestCapture, got {slow_capture!r}"
+        )
+    if server_timing is not None and not isinstance(server_timing, ServerTiming):
+        raise ValueError(f"server_timing: expected a fastprof.ServerTiming, got {server_timing!r}")
     if getattr(app, _MARKER, False):
         return app
     if metrics is not None:
         metrics.attach(loop_monitor=loop_monitor, profiling=profiling)
+    if (
+        server_timing is not None
+        and server_timing.allow is None
+        and (profiling is None or not profiling.enabled)
+    ):
+        server_timing = None  # profiled requests only, and nothing is profiled
     user_hooks: tuple[RequestHooks, ...] = tuple(options.get("hooks", ()))
     tracer_provider = options.get("tracer_provider")
     dependency_spans: DependencySpans | None = None
@@ -134,9 +154,20 @@ def instrument(
             # The slow-request log explains unsampled requests too.
             timings_when_unsampled=slow_requests is not None or metrics is not None,
             profiled_requests=profiling is not None and profiling.enabled,
+            on_demand=slow_capture is not None or server_timing is not None,
         )
+    if slow_capture is not None:
+        slow_capture = slow_capture._configured(tracer_provider)
     # The middleware runs them in their declared order (RequestHooks.order).
-    components = (profiling, dependency_spans, loop_monitor, slow_requests, metrics)
+    components = (
+        profiling,
+        slow_capture,
+        server_timing,
+        dependency_spans,
+        loop_monitor,
+        slow_requests,
+        metrics,
+    )
     options["hooks"] = user_hooks + tuple(h for h in components if h is not None)
     if profiling is not None:
         # A profiling token in the query string is a credential.

@@ -13,6 +13,7 @@ from typing import Final
 __all__ = [
     "BLOCKED_EVENT",
     "CACHE_HIT",
+    "CAPTURE",
     "CACHE_HIT_EVENT",
     "CLIENT_DISCONNECTED",
     "DEPENDENCIES_PHASE_SPAN",
@@ -22,6 +23,9 @@ __all__ = [
     "ENDPOINT_PHASE_SPAN",
     "ENDPOINT_THREADPOOL_WAIT_S",
     "LOOP_BLOCKED_S",
+    "LOOP_CAUSE",
+    "LOOP_CPU_S",
+    "LOOP_GC_S",
     "LOOP_IN_REQUEST",
     "LOOP_SAMPLES",
     "LOOP_SAMPLE_SHARE",
@@ -63,6 +67,9 @@ TIME_TO_RESPONSE_START_S: Final = "fastprof.time_to_response_start_s"
 CLIENT_DISCONNECTED: Final = "fastprof.client_disconnected"
 #: Dependency spans left out of this request by ``DependencySpans(max_spans=...)``.
 DEPENDENCY_SPANS_DROPPED: Final = "fastprof.dependency_spans_dropped"
+#: ``slow`` on the SERVER span of a request head sampling dropped and
+#: :class:`~fastprof.SlowRequestCapture` exported because it was slow.
+CAPTURE: Final = "fastprof.capture"
 
 # -- websocket sessions (on their SERVER span) ------------------------------------------------
 WEBSOCKET_MESSAGES_RECEIVED: Final = "fastprof.websocket.messages_received"
@@ -97,6 +104,11 @@ LOOP_BLOCKED_S: Final = "fastprof.loop.blocked_s"
 LOOP_THRESHOLD_S: Final = "fastprof.loop.threshold_s"
 LOOP_SAMPLES: Final = "fastprof.loop.samples"
 LOOP_SAMPLE_SHARE: Final = "fastprof.loop.sample_share"
+#: Seconds the loop thread was on a CPU during the block, and in garbage collection.
+LOOP_CPU_S: Final = "fastprof.loop.cpu_s"
+LOOP_GC_S: Final = "fastprof.loop.gc_s"
+#: Why the loop was blocked: ``cpu``, ``wait`` or ``gc`` (also a metric attribute).
+LOOP_CAUSE: Final = "fastprof.loop.cause"
 #: Metric attribute: whether a block happened while a request's task ran.
 LOOP_IN_REQUEST: Final = "fastprof.loop.in_request"
 #: The dependency or endpoint that was running on the loop.

@@ -16,6 +16,9 @@ Instruments (all durations in seconds):
 | ``fastprof.threadpool.tokens.used``   | gauge     | anyio default limiter: tokens borrowed       |
 | ``fastprof.threadpool.tokens.limit``  | gauge     | anyio default limiter: total tokens          |
 | ``fastprof.threadpool.waiting``       | gauge     | tasks queued for a token                     |
+
+The two block instruments carry ``fastprof.loop.in_request``, ``http.route`` (for a
+block in a request) and ``fastprof.loop.cause`` (``cpu``, ``wait`` or ``gc``).
 """
 
 from __future__ import annotations

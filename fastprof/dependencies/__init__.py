@@ -117,27 +117,40 @@ class DependencySpans(RequestHooks):
         tracer_provider: TracerProvider | None,
         timings_when_unsampled: bool,
         profiled_requests: bool,
+        on_demand: bool = False,
     ) -> DependencySpans:
         """This component as ``instrument()`` runs it: its options, plus what the
-        other components need (its own ``tracer_provider`` wins over ``instrument()``'s)."""
-        return DependencySpans(
+        other components need (its own ``tracer_provider`` wins over ``instrument()``'s).
+
+        ``on_demand``: another component may ask, per request, for the timings of
+        an unsampled one (``RequestState._wants_timings``: the slow-request
+        capture, Server-Timing)."""
+        configured = DependencySpans(
             tracer_provider=self.tracer_provider or tracer_provider,
             max_spans=self.max_spans,
             mode=self.mode,
             timings_when_unsampled=self.timings_when_unsampled or timings_when_unsampled,
             profiled_requests=self.profiled_requests or profiled_requests,
         )
+        if on_demand:
+            configured.unsampled_requests = configured.enabled
+        return configured
 
     def on_request_start(self, state: RequestState, scope: Scope) -> None:
         if not self.enabled:
             return
         if state.span.is_recording():
             max_spans = self.max_spans
-        elif self.timings_when_unsampled or state.profile_id is not None:
+        elif self.timings_when_unsampled or state.profile_id is not None or state._wants_timings:
             max_spans = 0  # timings only: no span for an unsampled request
         else:
             return  # unsampled: FastAPI runs exactly as without fastprof
         tracker = state._dependencies = Tracker(self._tracer, max_spans, state, self._marked_only)
+        if max_spans == 0 and state._capture is not None:
+            # The slow-request capture follows it: cheap records instead of spans.
+            tracker.records = state._capture
+            tracker.spans_on = True  # records take the place of spans
+            tracker.epoch_offset = state._capture.epoch_offset
         tracker.token = active.set(tracker)
 
     def on_request_end(self, state: RequestState) -> None:

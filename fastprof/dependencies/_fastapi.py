@@ -35,6 +35,7 @@ from opentelemetry.trace import Span
 from fastprof import _internal_errors
 from fastprof._context import RequestState, Timing
 from fastprof._otel import attach_context, current_context, detach_context
+from fastprof._records import Record
 from fastprof.attributes import (
     DEPENDENCIES_PHASE_SPAN,
     ENDPOINT_PHASE_SPAN,
@@ -238,6 +239,13 @@ def _enter_solve(
                 tracker, DEPENDENCIES_PHASE_SPAN, ctx, node.start_ns, _DEPENDENCIES_PHASE
             )
             node.ctx = node.span_ctx = trace.set_span_in_context(node.span, ctx)
+        elif tracker.records is not None:  # an unsampled request the capture follows
+            node.record = tracker.records.add(
+                DEPENDENCIES_PHASE_SPAN,
+                _DEPENDENCIES_PHASE,
+                node.start_ns + tracker.epoch_offset,
+                None,
+            )
         provider = kwargs.get("dependency_overrides_provider")
         # Even when it is empty now: FastAPI reads it again for every sub-dependency.
         if (
@@ -327,7 +335,7 @@ def _endpoint(dependant: Any) -> _Endpoint:
 
 def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
     async def traced(tracker: Tracker, dependant: Any, values: Any, is_coroutine: bool) -> Any:
-        span: Span | None = None
+        span: Span | Record | None = None
         token = None
         box: list[int] | None = None
         box_token = None
@@ -342,6 +350,10 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
                     tracker, ENDPOINT_PHASE_SPAN, ctx, submitted, endpoint.attributes
                 )
                 token = attach_context(trace.set_span_in_context(span, ctx))
+            elif tracker.records is not None:
+                span = tracker.records.add(
+                    ENDPOINT_PHASE_SPAN, endpoint.attributes, submitted + tracker.epoch_offset, None
+                )
             if not is_coroutine:
                 dependant = endpoint.timed()
                 box = []
@@ -390,17 +402,25 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
     async def traced(tracker: Tracker, args: Any, kwargs: Any) -> Any:
-        span = None
+        span: Span | Record | None = None
         started = time.perf_counter_ns()
-        if tracker.phases:
+        if tracker.phases or tracker.records is not None:
             try:
-                span = start_span(
-                    tracker,
-                    SERIALIZATION_PHASE_SPAN,
-                    current_context(),
-                    started,
-                    _SERIALIZATION_PHASE,
-                )
+                if tracker.records is not None:
+                    span = tracker.records.add(
+                        SERIALIZATION_PHASE_SPAN,
+                        _SERIALIZATION_PHASE,
+                        started + tracker.epoch_offset,
+                        None,
+                    )
+                else:
+                    span = start_span(
+                        tracker,
+                        SERIALIZATION_PHASE_SPAN,
+                        current_context(),
+                        started,
+                        _SERIALIZATION_PHASE,
+                    )
             except Exception as exc:
                 _internal_errors.report("dependencies.serialization_start", exc)
         try:

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 from fastprof import _internal_errors
 from fastprof._context import RequestState, Timing
 from fastprof._otel import attach_context, current_context, detach_context, error_type
+from fastprof._records import CaptureBuffer, Record
 from fastprof.attributes import CACHE_HIT, CACHE_HIT_EVENT, THREADPOOL_WAIT_S
 from fastprof.dependencies._calls import CallInfo
 from fastprof.hooks import run_in_worker
@@ -48,6 +49,7 @@ __all__ = [
     "call_in_worker",
     "end_call",
     "end_unconsumed",
+    "ensure_record",
     "ensure_span",
     "leave_solve",
     "record_error",
@@ -66,6 +68,7 @@ class Tracker:
         "max_spans",
         "pending",
         "phases",
+        "records",
         "server_ctx",
         "spans",
         "spans_dropped",
@@ -90,12 +93,16 @@ class Tracker:
         #: Dependency spans started (setup and teardown) and refused by the cap.
         self.spans = 0
         self.spans_dropped = 0
-        #: ``False`` for a timings-only tracker (an unsampled request): no span work at all.
+        #: ``False`` for a timings-only tracker (an unsampled request, no capture records):
+        #: no span or record work at all.
         self.spans_on = max_spans > 0
         self.current: Node | None = None  # the dependant being solved
         self.epoch_offset = time.time_ns() - time.perf_counter_ns()
         self.server_ctx: Context | None = None
         self.token: Any = None
+        #: An unsampled request the slow-request capture follows: its nodes get
+        #: cheap :class:`~fastprof._records.Record` objects instead of spans.
+        self.records: CaptureBuffer | None = None
 
 
     def release(self) -> None:
@@ -119,7 +126,9 @@ class Node:
         "mirror",
         "parent",
         "prev_operation",
+        "prev_span",
         "ready_ns",
+        "record",
         "span",
         "span_ctx",
         "start_ns",
@@ -143,6 +152,8 @@ class Node:
         self.mirror: Any = None
         self.token: Any = None
         self.prev_operation: str | None = None
+        self.prev_span: Any = None
+        self.record: Record | None = None  # the capture's record, instead of a span
 
 
 #: The tracker of the current request, set only when its span is recording.
@@ -169,6 +180,9 @@ def ensure_span(node: Node) -> Span | None:
         info = node.info
         if info is None:
             return None
+        if node.tracker.records is not None:
+            ensure_record(node)
+            return None
         parent_ctx = parent_context(node)  # parents first: they take their slots first
         if not take_span_slot(node.tracker):
             node.dropped = True
@@ -178,6 +192,29 @@ def ensure_span(node: Node) -> Span | None:
         )
         node.span_ctx = trace.set_span_in_context(span, node.ctx)
     return span
+
+
+def ensure_record(node: Node) -> Record | None:
+    """The node's capture record, created on first need (parents first, like spans)."""
+    record = node.record
+    info = node.info
+    if record is None and info is not None and not node.dropped:
+        tracker = node.tracker
+        parent = node.parent
+        parent_record = None
+        while parent is not None:
+            parent_record = parent.record or ensure_record(parent)
+            if parent_record is not None:
+                break
+            parent = parent.parent
+        buffer = tracker.records
+        assert buffer is not None
+        record = node.record = buffer.add(
+            info.span_name, info.attributes, node.start_ns + tracker.epoch_offset, parent_record
+        )
+        if record is None:
+            node.dropped = True
+    return record
 
 
 def parent_context(node: Node) -> Context:
@@ -196,10 +233,23 @@ def end_unconsumed(node: Node, cached: bool) -> None:
     """Close a dependency FastAPI resolved but did not call (cache hit, invalid input)."""
     span = node.span
     info = node.info
-    if span is not None:
+    record = node.record
+    if record is not None:
+        if cached:
+            record.set_attribute(CACHE_HIT, True)
+        record.end((node.ready_ns or time.perf_counter_ns()) + node.tracker.epoch_offset)
+    elif span is not None:
         if cached:
             span.set_attribute(CACHE_HIT, True)
         span.end(end_time=(node.ready_ns or time.perf_counter_ns()) + node.tracker.epoch_offset)
+    elif cached and info is not None and node.tracker.records is not None:
+        parent = node.parent
+        holder = ensure_record(parent) if parent is not None else None
+        (holder or node.tracker.records.root).add_event(
+            CACHE_HIT_EVENT,
+            {"code.function.name": info.code_name},
+            (node.ready_ns or time.perf_counter_ns()) + node.tracker.epoch_offset,
+        )
     elif cached and info is not None and node.tracker.spans_on:
         # Visible without a second duration: an event on the span of what needed it.
         parent = node.parent
@@ -248,8 +298,11 @@ def leave_solve(tracker: Tracker, node: Node, result: Any) -> None:
     if tracker.pending is not None:
         settle_pending(tracker)
     if node.info is None:
-        if node.parent is None and node.span:
-            node.span.end()  # the fastprof.dependencies phase
+        if node.parent is None:
+            if node.span:
+                node.span.end()  # the fastprof.dependencies phase
+            elif node.record is not None:
+                node.record.end(time.perf_counter_ns() + node.tracker.epoch_offset)
         return
     node.ready_ns = time.perf_counter_ns()
     if result.errors:
@@ -294,6 +347,8 @@ def attach_node(node: Node, on_loop: bool) -> None:
             state = node.tracker.state
             node.prev_operation = state.current_operation
             state.current_operation = node.info.name
+            node.prev_span = state._operation_span
+            state._operation_span = node.span if node.span is not None else node.record
     except Exception as exc:
         _internal_errors.report("dependencies.attach", exc)
 
@@ -309,7 +364,12 @@ def end_call(node: Node, on_loop: bool, error: BaseException | None, kind: str) 
             except Exception as exc:  # a token from another context: report, go on
                 _internal_errors.report("dependencies.detach", exc)
         if on_loop:
-            node.tracker.state.current_operation = node.prev_operation
+            state = node.tracker.state
+            state.current_operation = node.prev_operation
+            ended, state._operation_span = state._operation_span, node.prev_span
+            callback = state._operation_end
+            if callback is not None and ended is not None:
+                callback(state, ended)  # before the span ends: a block's event may go on it
     except Exception as exc:
         _internal_errors.report("dependencies.detach", exc)
     try:
@@ -321,7 +381,9 @@ def end_call(node: Node, on_loop: bool, error: BaseException | None, kind: str) 
             wait_s = max(0, node.called_ns - node.ready_ns) / 1e9
         tracker = node.tracker
         tracker.state.add_timing(Timing(info.name, kind, (end - node.called_ns) / 1e9, wait_s))
-        span = node.span
+        span: Any = node.span
+        if span is None:
+            span = node.record
         if span is not None:
             if wait_s:
                 span.set_attribute(THREADPOOL_WAIT_S, wait_s)
@@ -332,7 +394,7 @@ def end_call(node: Node, on_loop: bool, error: BaseException | None, kind: str) 
         _internal_errors.report("dependencies.end", exc)
 
 
-def record_error(span: Span, error: BaseException) -> None:
+def record_error(span: Span | Record, error: BaseException) -> None:
     if isinstance(error, HTTPException):
         span.set_attribute("http.response.status_code", error.status_code)
         return
@@ -356,7 +418,16 @@ def begin_teardown(setup: Node | None) -> Node | None:
         node = Node(tracker, info, None, setup.ctx)
         node.called_ns = node.start_ns
         span = None
-        if take_span_slot(tracker):  # the parent context and link only for a span
+        records = tracker.records
+        if records is not None:
+            node.record = records.add(
+                info.teardown_name,
+                info.teardown_attributes,
+                node.start_ns + tracker.epoch_offset,
+                None,
+                setup.record,
+            )
+        elif take_span_slot(tracker):  # the parent context and link only for a span
             if tracker.server_ctx is None:
                 tracker.server_ctx = trace.set_span_in_context(tracker.state.span, setup.ctx)
             links = [Link(setup.span.get_span_context())] if setup.span is not None else None

@@ -13,12 +13,16 @@ daemon thread) in the serving process, lazily: at lifespan startup when
 ``instrument()`` installed it, else at the first request. It never patches
 asyncio, so it behaves the same on asyncio and uvloop.
 
-When the loop is blocked longer than ``threshold_s`` it reports, once per block:
+When the loop is blocked longer than ``threshold_s`` it reports, once per block
+and per request that blocked it (two requests blocking one after the other get
+a report each):
 
-* a span event ``fastprof.loop.blocked`` on the request's span with the
-  duration, the blocking frame (``code.file.path``, ``code.line.number``,
-  ``code.function.name``), the operation (dependency or endpoint) and a
-  bounded stack (``code.stacktrace``);
+* a span event ``fastprof.loop.blocked`` on the request's span (or on the span
+  of the dependency it happened in) with the duration, the blocking frame
+  (``code.file.path``, ``code.line.number``, ``code.function.name``), the
+  operation (dependency or endpoint), a bounded stack (``code.stacktrace``),
+  and why: the loop thread's CPU and garbage-collection time during the block
+  and a cause, ``cpu``, ``wait`` or ``gc``;
 * ``RequestState.blocked_s`` accumulated (the slow-request log shows it);
 * a structlog warning ``event loop blocked`` with route, request id and trace
   id (rate-limited);
@@ -58,7 +62,7 @@ from fastprof.loop._emit import (
     record_metrics,
 )
 from fastprof.loop._metrics import LoopMetrics
-from fastprof.loop._report import analyse, dominant_owner
+from fastprof.loop._report import analyse
 from fastprof.loop._threadpool import ThreadpoolWatch
 from fastprof.loop._watchdog import Block, LoopWatchdog
 from fastprof.metrics import ThreadpoolSnapshot
@@ -164,6 +168,7 @@ class LoopMonitor(RequestHooks):
         Used by :mod:`fastprof.prometheus` and :mod:`fastprof.health`.
         """
         self._beat_listeners += (listener,)
+        self._operation_end = self._on_operation_end
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -231,6 +236,7 @@ class LoopMonitor(RequestHooks):
                 state._task = task
             if len(self._tasks) < _MAX_REGISTERED:
                 self._tasks[task] = _Entry(state)
+                state._operation_end = self._operation_end
         if self._threadpool:
             self._threadpool_watch.maybe_refresh()
 
@@ -238,15 +244,9 @@ class LoopMonitor(RequestHooks):
         task = state._task
         entry = self._tasks.get(task) if task is not None else None
         if entry is not None and entry.state is state:
-            watchdog = self._watchdog
-            block = watchdog.current_block if watchdog is not None else None
-            if block is not None and not block.reported and block.samples:
-                # The request finishes inside the blocking callback: report now,
-                # while its span is still open, with the duration so far.
-                owner, _ = dominant_owner(block.samples)
-                if owner is entry:
-                    block.reported = True
-                    self._report(block, time.perf_counter() - block.due)
+            # The request finishes inside a blocking callback: report its block
+            # now, while its span is still open, with the duration so far.
+            self._report_open(entry, None)
             self._tasks.pop(task, None)
         if self._threadpool:
             record = self._metrics.threadpool_wait.record
@@ -257,8 +257,9 @@ class LoopMonitor(RequestHooks):
 
     # -- watchdog callbacks -------------------------------------------------------
 
-    def _resolve_owner(self, task: asyncio.Task[Any]) -> tuple[Any, str | None]:
-        """Watchdog thread: the request entry of ``task`` and its current operation."""
+    def _resolve_owner(self, task: asyncio.Task[Any]) -> tuple[Any, str | None, Any]:
+        """Watchdog thread: the request entry of ``task``, its current operation and
+        the span of the dependency running (if any)."""
         entry = self._tasks.get(task)
         if entry is None:
             get_context = getattr(task, "get_context", None)  # Python 3.12+
@@ -273,10 +274,44 @@ class LoopMonitor(RequestHooks):
                     if owner is not None and owner.state is state:
                         entry = owner
         if entry is None:
-            return None, None
-        return entry, entry.state.current_operation
+            return None, None, None
+        state = entry.state
+        return entry, state.current_operation, state._operation_span
 
-    def _on_beat(self, lag: float, block: Block | None) -> None:
+    def _on_operation_end(self, state: RequestState, span: Any) -> None:
+        """Loop thread: a dependency of ``state`` that ran on the loop is ending.
+
+        A block in progress that happened in it is reported now, while its span
+        is open (the heartbeat comes after the span ended).
+        """
+        watchdog = self._watchdog
+        if watchdog is None or not watchdog.current_blocks or span is None:
+            return
+        task = state._task
+        entry = self._tasks.get(task) if task is not None else None
+        if entry is not None and entry.state is state:
+            self._report_open(entry, span)
+
+    def _report_open(self, entry: _Entry, span: Any) -> None:
+        """Report the unreported blocks of ``entry`` seen so far (only those that
+        happened in ``span``, when given), ending the one in progress now."""
+        watchdog = self._watchdog
+        if watchdog is None:
+            return
+        for block in watchdog.current_blocks:
+            if block.reported or block.owner is not entry or not block.samples:
+                continue
+            if span is not None:
+                report = analyse(block, 0.0)
+                if report is None or report.span is not span:
+                    continue
+                if block.end is None and time.perf_counter() - block.due < self.threshold_s:
+                    continue  # not a block yet: the heartbeat will account for it
+            block.reported = True
+            block.close(watchdog.reading())
+            self._report(block)
+
+    def _on_beat(self, lag: float, blocks: list[Block]) -> None:
         """Loop thread, every heartbeat."""
         self._metrics.lag.record(lag)
         self.lag_s = lag
@@ -285,26 +320,36 @@ class LoopMonitor(RequestHooks):
                 listener(lag)
             except Exception as exc:
                 _internal_errors.report("loop.beat_listener", exc)
-        if block is not None and not block.reported:
-            block.reported = True
-            self._report(block, lag)
+        for block in blocks:
+            if not block.reported:
+                block.reported = True
+                self._report(block)
         if self._threadpool:
             self._threadpool_watch.check_saturation()
 
-    def _report(self, block: Block, duration: float) -> None:
+    def _report(self, block: Block) -> None:
+        end = block.end if block.end is not None else time.perf_counter()
+        duration = max(end - block.due, 0.0)
         report = analyse(block, duration)
         if report is None:  # resumed before the first sample: count it, nothing to attribute
-            record_metrics(self._metrics, duration, False, None)
+            if duration >= self.threshold_s:
+                record_metrics(self._metrics, duration, False, None)
             return
         entry: _Entry | None = report.owner if isinstance(report.owner, _Entry) else None
         state = entry.state if entry is not None else None
+        if duration < self.threshold_s:
+            # The short rest of a split block: counted for its request, not reported.
+            if state is not None:
+                state.blocked_s += duration
+            return
         route = state.route if state is not None else None
-        record_metrics(self._metrics, duration, entry is not None, route)
+        record_metrics(self._metrics, duration, entry is not None, route, report.cause)
         if entry is not None and state is not None:
             state.blocked_s += duration
-            if state.span.is_recording() and entry.events < MAX_EVENTS_PER_REQUEST:
+            target = _event_target(state, report.span)
+            if target is not None and entry.events < MAX_EVENTS_PER_REQUEST:
                 entry.events += 1
-                add_span_event(state, report, self.threshold_s, self.max_stack_chars)
+                add_span_event(target, report, self.threshold_s, self.max_stack_chars)
         limit = self._log_limit
         if limit is not None and limit.allow():
             log_block(report, state, route, self.threshold_s, self.max_stack_chars, limit)
@@ -318,3 +363,18 @@ class LoopMonitor(RequestHooks):
         cached on the loop thread. ``None`` before the first request.
         """
         return self._threadpool_watch.snapshot()
+
+
+def _event_target(state: RequestState, span: Any) -> Any:
+    """Where a block's event goes: the open span of the dependency it happened in,
+    else the request's span if it records, else the slow-request capture's record
+    of it (an unsampled request), else nowhere."""
+    if span is not None:
+        if not hasattr(span, "get_span_context"):
+            return span  # a capture record (takes events after its end too)
+        if span.is_recording():
+            return span  # an open span (an SDK span stops recording when it ends)
+    if state.span.is_recording():
+        return state.span
+    capture = state._capture
+    return capture.root if capture is not None else None

@@ -11,6 +11,9 @@ from fastprof._otel import hex_ids
 from fastprof.attributes import (
     BLOCKED_EVENT,
     LOOP_BLOCKED_S,
+    LOOP_CAUSE,
+    LOOP_CPU_S,
+    LOOP_GC_S,
     LOOP_IN_REQUEST,
     LOOP_SAMPLE_SHARE,
     LOOP_SAMPLES,
@@ -55,20 +58,27 @@ class RateLimit:
 
 
 def record_metrics(
-    metrics: LoopMetrics, duration_s: float, in_request: bool, route: str | None
+    metrics: LoopMetrics,
+    duration_s: float,
+    in_request: bool,
+    route: str | None,
+    cause: str | None = None,
 ) -> None:
-    """Count the block and record its duration (by route when in a request)."""
+    """Count the block and record its duration (by route when in a request, and cause)."""
     attrs: dict[str, Any] = {LOOP_IN_REQUEST: in_request}
     if route is not None:
         attrs["http.route"] = route
+    if cause is not None:
+        attrs[LOOP_CAUSE] = cause
     metrics.blocks.add(1, attrs)
     metrics.blocked_duration.record(duration_s, attrs)
 
 
 def add_span_event(
-    state: RequestState, report: BlockReport, threshold_s: float, max_stack_chars: int
+    span: Any, report: BlockReport, threshold_s: float, max_stack_chars: int
 ) -> None:
-    """The ``fastprof.loop.blocked`` event on the request's span, timed at the block's start."""
+    """The ``fastprof.loop.blocked`` event on ``span`` (the request's, or the
+    dependency's it happened in), timed at the block's start."""
     attrs: dict[str, Any] = {
         LOOP_BLOCKED_S: report.duration_s,
         LOOP_THRESHOLD_S: threshold_s,
@@ -83,8 +93,14 @@ def add_span_event(
         attrs["code.function.name"] = location[2]
     if report.operation is not None:
         attrs[OPERATION] = report.operation
+    if report.cpu_s is not None:
+        attrs[LOOP_CPU_S] = report.cpu_s
+    if report.gc_s is not None:
+        attrs[LOOP_GC_S] = report.gc_s
+    if report.cause is not None:
+        attrs[LOOP_CAUSE] = report.cause
     start_ns = time.time_ns() - int((time.perf_counter() - report.due) * 1e9)
-    state.span.add_event(BLOCKED_EVENT, attrs, timestamp=max(start_ns, 0))
+    span.add_event(BLOCKED_EVENT, attrs, timestamp=max(start_ns, 0))
 
 
 def log_block(
@@ -111,6 +127,12 @@ def log_block(
         fields["function"] = location[2]
     if report.operation is not None:
         fields["operation"] = report.operation
+    if report.cause is not None:
+        fields["cause"] = report.cause
+    if report.cpu_s is not None:
+        fields["cpu_s"] = round(report.cpu_s, 4)
+    if report.gc_s is not None:
+        fields["gc_s"] = round(report.gc_s, 4)
     if state is not None:
         trace_id, span_id = hex_ids(state.span.get_span_context()) or (None, None)
         fields["route"] = route

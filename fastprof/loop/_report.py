@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 from fastprof._frames import is_library
-from fastprof.loop._watchdog import Block, Frame, Sample
+from fastprof.loop._watchdog import Block, Frame, Reading, Sample
 
-__all__ = ["BlockReport", "analyse", "blocking_frame", "dominant_owner", "format_stack"]
+__all__ = [
+    "CPU_SHARE",
+    "GC_SHARE",
+    "BlockReport",
+    "Cause",
+    "analyse",
+    "blocking_frame",
+    "cause_of",
+    "dominant_owner",
+    "format_stack",
+]
+
+Cause = Literal["cpu", "wait", "gc"]
+
+#: A block is ``gc`` when garbage collection took at least this share of it...
+GC_SHARE: Final = 0.5
+#: ...else ``cpu`` when the loop thread was on a CPU, or runnable and waiting for
+#: one (a busy machine), for at least this share, else ``wait``.
+CPU_SHARE: Final = 0.5
 
 
 class BlockReport(NamedTuple):
@@ -30,6 +49,45 @@ class BlockReport(NamedTuple):
     #: The dependency or endpoint running on the loop, when known.
     operation: str | None
     task_name: str | None
+    #: Loop-thread CPU time and garbage-collection time during the block, and
+    #: what they say it was: ``cpu``, ``wait`` or ``gc`` (``None`` when unknown).
+    cpu_s: float | None = None
+    gc_s: float | None = None
+    cause: Cause | None = None
+    #: The span of the dependency the block happened in (innermost open one), if any.
+    span: Any = None
+
+
+def cause_of(
+    first: Reading | None, last: Reading | None, duration_s: float
+) -> tuple[float | None, float | None, Cause | None]:
+    """``(cpu_s, gc_s, cause)`` of a block of ``duration_s``, from two readings.
+
+    The readings span the part of the block the watchdog saw (its first sample to
+    its end); the shares measured there are applied to the whole duration. Time
+    the loop thread was runnable but waiting for a CPU (another process had it)
+    counts towards ``cpu``: the thread wanted to compute.
+    """
+    if first is None or last is None:
+        return None, None, None
+    window = last[0] - first[0]
+    if window <= 0.0:
+        return None, None, None
+    gc_share = min(max((last[2] - first[2]) / window, 0.0), 1.0)
+    gc_s = gc_share * duration_s
+    cpu = last[1] - first[1]
+    if math.isnan(cpu):
+        return None, gc_s, "gc" if gc_share >= GC_SHARE else None
+    cpu_share = min(max(cpu / window, 0.0), 1.0)
+    queued = last[3] - first[3]
+    wanted_share = cpu_share + (0.0 if math.isnan(queued) else max(queued, 0.0) / window)
+    if gc_share >= GC_SHARE:
+        cause: Cause = "gc"
+    elif wanted_share >= CPU_SHARE:
+        cause = "cpu"
+    else:
+        cause = "wait"
+    return cpu_share * duration_s, gc_s, cause
 
 
 def blocking_frame(stack: tuple[Frame, ...]) -> Frame | None:
@@ -59,6 +117,12 @@ def analyse(block: Block, duration_s: float) -> BlockReport | None:
     location, _ = locations.most_common(1)[0]
     stack = next(s.stack for s in reversed(dominant) if blocking_frame(s.stack) == location)
     operations = Counter(s.operation for s in dominant if s.operation is not None)
+    spans = Counter(id(s.span) for s in dominant if s.span is not None)
+    span = None
+    if spans:
+        top = spans.most_common(1)[0][0]
+        span = next(s.span for s in dominant if id(s.span) == top)
+    cpu_s, gc_s, cause = cause_of(block.first, block.last, duration_s)
     return BlockReport(
         duration_s=duration_s,
         due=block.due,
@@ -69,6 +133,10 @@ def analyse(block: Block, duration_s: float) -> BlockReport | None:
         stack=stack,
         operation=operations.most_common(1)[0][0] if operations else None,
         task_name=dominant[-1].task_name,
+        cpu_s=cpu_s,
+        gc_s=gc_s,
+        cause=cause,
+        span=span,
     )
 
 

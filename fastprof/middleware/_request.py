@@ -40,6 +40,7 @@ from fastprof._otel import (
     foreign_server_span,
     with_ambient,
 )
+from fastprof._records import Record
 from fastprof._routes import resolve_route
 from fastprof.attributes import CLIENT_DISCONNECTED, REQUEST_ID, TIME_TO_RESPONSE_START_S
 from fastprof.hooks import HookSet, RequestHooks
@@ -336,6 +337,8 @@ class TracedRequest(LeanRequest):
             state.finalize_route()
             if self._recording:
                 self._annotate(state.span, error)
+            elif state._capture is not None and state._capture.wanted:
+                self._annotate_capture(scope, state._capture.root, error)
         except Exception as exc:
             _internal_errors.report("request_end", exc)
         for hook in self._hooks.end:
@@ -353,7 +356,31 @@ class TracedRequest(LeanRequest):
             except Exception as exc:  # pragma: no cover - SDK failure
                 _internal_errors.report("span_end", exc)
 
-    def _annotate(self, span: trace.Span, error: BaseException | None) -> None:
+    def _annotate_capture(self, scope: Scope, root: Record, error: BaseException | None) -> None:
+        """An unsampled request the slow-request capture exports: its SERVER span's
+        record gets what a recording span fastprof owns would have (even when the
+        dropped span was another layer's: the record is fastprof's)."""
+        settings = self._settings
+        method = self.state.method
+        attrs = request_attributes(
+            scope,
+            scope.get("headers") or [],
+            method_attributes(method),
+            settings.max_attribute_length,
+            settings.query,
+            settings.sensitive_keys,
+        )
+        attrs[REQUEST_ID] = self.state.request_id
+        root.set_attributes(attrs)
+        self._annotate(root, error, owned=True, span_method=SPAN_METHODS.get(method, "HTTP"))
+
+    def _annotate(
+        self,
+        span: trace.Span | Record,
+        error: BaseException | None,
+        owned: bool | None = None,
+        span_method: str | None = None,
+    ) -> None:
         state = self.state
         limit = self._settings.max_attribute_length
         attrs: dict[str, Any] = {}
@@ -361,7 +388,7 @@ class TracedRequest(LeanRequest):
             attrs[TIME_TO_RESPONSE_START_S] = self._ttfb_s
         if self._disconnected:
             attrs[CLIENT_DISCONNECTED] = True
-        if not self._owned:
+        if not (self._owned if owned is None else owned):
             span.set_attributes(attrs)
             return
         status = state.status_code
@@ -373,7 +400,7 @@ class TracedRequest(LeanRequest):
         if state.route is not None:
             route = truncate(state.route, limit)
             attrs["http.route"] = route
-            span.update_name(f"{self._span_method} {route}")
+            span.update_name(f"{span_method or self._span_method} {route}")
         failure: str | None = None
         if error is not None:
             failure = error_type(error)

@@ -74,7 +74,11 @@ async def test_blocking_dependency_is_attributed_to_its_request_and_line(
 
     by_route = {s.attributes["http.route"]: s for s in spans.server()}
     assert set(by_route) == {"/items/{item_id}", "/polite"}
-    events = blocked_events(by_route["/items/{item_id}"])
+    # The block happened in the dependency: its event is on the dependency's span.
+    assert blocked_events(by_route["/items/{item_id}"]) == []
+    [dependency] = spans.named("dependency blocking_dependency")
+    assert dependency.context.trace_id == by_route["/items/{item_id}"].context.trace_id
+    events = blocked_events(dependency)
     assert len(events) == 1
     attrs = events[0].attributes
     assert attrs["code.file.path"] == __file__
@@ -100,7 +104,11 @@ async def test_blocking_dependency_is_attributed_to_its_request_and_line(
 
     [point] = metrics.points("fastprof.loop.blocks")
     assert point.value == 1
-    assert point.attributes == {"fastprof.loop.in_request": True, "http.route": "/items/{item_id}"}
+    assert point.attributes == {
+        "fastprof.loop.in_request": True,
+        "http.route": "/items/{item_id}",
+        "fastprof.loop.cause": "wait",  # time.sleep
+    }
     [hist] = metrics.points("fastprof.loop.blocked.duration")
     assert hist.count == 1 and hist.sum >= 0.15
 
@@ -221,7 +229,7 @@ async def test_blocking_at_startup_is_reported_without_a_request(
     assert log["location"] == f"{__file__}:{line_of('# BLOCK-STARTUP', __file__)}"
     assert log["blocked_s"] >= 0.15
     [point] = metrics.points("fastprof.loop.blocks")
-    assert point.attributes == {"fastprof.loop.in_request": False}
+    assert point.attributes == {"fastprof.loop.in_request": False, "fastprof.loop.cause": "wait"}
 
 
 @pytest.mark.anyio
