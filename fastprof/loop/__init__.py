@@ -161,6 +161,7 @@ class LoopMonitor(RequestHooks):
         #: Lag of the last heartbeat in seconds (read by the health check and metrics).
         self.lag_s = 0.0
         self._beat_listeners: tuple[Callable[[float], None], ...] = ()
+        self._operation_end = self._on_operation_end
 
     def add_beat_listener(self, listener: Callable[[float], None]) -> None:
         """Call ``listener(lag_s)`` on the loop thread at every heartbeat (keep it cheap).
@@ -168,7 +169,6 @@ class LoopMonitor(RequestHooks):
         Used by :mod:`fastprof.prometheus` and :mod:`fastprof.health`.
         """
         self._beat_listeners += (listener,)
-        self._operation_end = self._on_operation_end
 
     # -- lifecycle -------------------------------------------------------------
 
