@@ -36,6 +36,8 @@ from fastprof import (
     LoopMonitor,
     Profiling,
     RequestHooks,
+    ServerTiming,
+    SlowRequestCapture,
     SlowRequestLog,
     _internal_errors,
     instrument,
@@ -112,6 +114,16 @@ VARIABLES: Final[tuple[str, ...]] = (
     "FASTPROF_SLOW_REQUESTS_TOP",
     "FASTPROF_SLOW_REQUESTS_LEVEL",
     "FASTPROF_SLOW_REQUESTS_EVENT",
+    "FASTPROF_SLOW_CAPTURE",
+    "FASTPROF_SLOW_CAPTURE_THRESHOLD_S",
+    "FASTPROF_SLOW_CAPTURE_ROUTES",
+    "FASTPROF_SLOW_CAPTURE_MAX_PER_MINUTE",
+    "FASTPROF_SLOW_CAPTURE_MAX_SPANS",
+    "FASTPROF_SLOW_CAPTURE_TEARDOWN_WAIT_S",
+    "FASTPROF_SERVER_TIMING",
+    "FASTPROF_SERVER_TIMING_ALLOW",
+    "FASTPROF_SERVER_TIMING_PROFILED",
+    "FASTPROF_SERVER_TIMING_TOP",
     "OTEL_SDK_DISABLED",
     "OTEL_SERVICE_NAME",
     "OTEL_RESOURCE_ATTRIBUTES",
@@ -285,6 +297,8 @@ def _instrument_kwargs(
     profiling: Profiling | None,
     loop_monitor: LoopMonitor | None,
     slow_requests: SlowRequestLog | None,
+    slow_capture: SlowRequestCapture | None,
+    server_timing: ServerTiming | None,
 ) -> dict[str, Any]:
     """The environment's settings as :func:`fastprof.instrument` keyword arguments.
 
@@ -298,6 +312,8 @@ def _instrument_kwargs(
         "profiling": profiling,
         "loop_monitor": loop_monitor,
         "slow_requests": slow_requests,
+        "slow_capture": slow_capture,
+        "server_timing": server_timing,
         "dependencies": dependencies != "off"
         and DependencySpans(
             mode="marked" if dependencies == "marked" else "all",
@@ -534,6 +550,70 @@ def _slow_requests(env: _Env) -> SlowRequestLog | None:
     return log
 
 
+_CAPTURE_NAMES: Final = {
+    "threshold_s": "FASTPROF_SLOW_CAPTURE_THRESHOLD_S",
+    "routes": "FASTPROF_SLOW_CAPTURE_ROUTES",
+    "max_per_minute": "FASTPROF_SLOW_CAPTURE_MAX_PER_MINUTE",
+    "max_spans": "FASTPROF_SLOW_CAPTURE_MAX_SPANS",
+    "teardown_wait_s": "FASTPROF_SLOW_CAPTURE_TEARDOWN_WAIT_S",
+}
+
+
+def _slow_capture(env: _Env) -> SlowRequestCapture | None:
+    """``tracer_provider`` / ``span_processor`` are code-only: the provider is ``OTEL_*``'s."""
+    if not _switch(env, "FASTPROF_SLOW_CAPTURE", ("FASTPROF_SLOW_CAPTURE_",)):
+        return None
+    kwargs: dict[str, Any] = {}
+    for option, name in _CAPTURE_NAMES.items():
+        if option == "routes":
+            continue
+        value = env.number(name) if option.endswith("_s") else env.integer(name)
+        if value is not None:
+            kwargs[option] = value
+    routes = env.pairs("FASTPROF_SLOW_CAPTURE_ROUTES")
+    if routes is not None:
+        thresholds: dict[str, float] = {}
+        for route, seconds in routes.items():
+            try:
+                thresholds[route] = float(seconds)
+            except ValueError:
+                raise env.error(
+                    "FASTPROF_SLOW_CAPTURE_ROUTES", "route=seconds pairs like /search=2.0"
+                ) from None
+        kwargs["routes"] = thresholds
+    capture: SlowRequestCapture = _build(SlowRequestCapture, env, _CAPTURE_NAMES, kwargs)
+    return capture
+
+
+_SERVER_TIMING_NAMES: Final = {
+    "allow": "FASTPROF_SERVER_TIMING_ALLOW",
+    "profiled": "FASTPROF_SERVER_TIMING_PROFILED",
+    "top": "FASTPROF_SERVER_TIMING_TOP",
+}
+
+
+def _server_timing(env: _Env) -> ServerTiming | None:
+    if not _switch(env, "FASTPROF_SERVER_TIMING", ("FASTPROF_SERVER_TIMING_",)):
+        return None
+    kwargs: dict[str, Any] = {}
+    ref = env.text("FASTPROF_SERVER_TIMING_ALLOW")
+    if ref is not None:
+        allow = _import_object("FASTPROF_SERVER_TIMING_ALLOW", ref)
+        if not callable(allow):
+            raise ValueError(
+                f"FASTPROF_SERVER_TIMING_ALLOW: {ref!r} is not a callable allow(scope) -> bool"
+            )
+        kwargs["allow"] = allow
+    profiled = env.boolean("FASTPROF_SERVER_TIMING_PROFILED")
+    if profiled is not None:
+        kwargs["profiled"] = profiled
+    top = env.integer("FASTPROF_SERVER_TIMING_TOP")
+    if top is not None:
+        kwargs["top"] = top
+    timing: ServerTiming = _build(ServerTiming, env, _SERVER_TIMING_NAMES, kwargs)
+    return timing
+
+
 _MIDDLEWARE_NAMES: Final = {
     "exclude": "FASTPROF_EXCLUDE",
     "request_id_header": "FASTPROF_REQUEST_ID_HEADER",
@@ -579,7 +659,8 @@ def from_environ(environ: Mapping[str, str] | None = None) -> EnvConfig:
     """Read and validate every ``FASTPROF_*`` variable (and the excluded-URLs ones).
 
     Builds the components (:class:`~fastprof.Profiling`, :class:`~fastprof.LoopMonitor`,
-    :class:`~fastprof.SlowRequestLog`) the variables ask for.
+    :class:`~fastprof.SlowRequestLog`, :class:`~fastprof.SlowRequestCapture`,
+    :class:`~fastprof.ServerTiming`) the variables ask for.
 
     Raises:
         ValueError: a variable has a bad value; the message names it.
@@ -627,6 +708,8 @@ def from_environ(environ: Mapping[str, str] | None = None) -> EnvConfig:
         profiling=profiling,
         loop_monitor=_loop_monitor(env),
         slow_requests=_slow_requests(env),
+        slow_capture=_slow_capture(env),
+        server_timing=_server_timing(env),
     )
     return EnvConfig(
         enabled=True,

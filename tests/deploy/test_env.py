@@ -41,6 +41,22 @@ def slow(env: dict[str, str]) -> Any:
     return opts(env)["slow_requests"]
 
 
+def capture(env: dict[str, str]) -> Any:
+    return opts(env)["slow_capture"]
+
+
+def timing(env: dict[str, str]) -> Any:
+    return opts(env)["server_timing"]
+
+
+def allow_internal(scope: Any) -> bool:
+    """FASTPROF_SERVER_TIMING_ALLOW's predicate in these tests."""
+    return bool(scope["path"].startswith("/internal"))
+
+
+ALLOW = "tests.deploy.test_env:allow_internal"
+
+
 def dependency_spans(env: dict[str, str]) -> list[str]:
     """Names of the dependency spans of one request to a FastAPI app instrumented with
     the options of ``env``."""
@@ -150,6 +166,21 @@ CASES: list[tuple[str, str, Any, Any, str]] = [
     ("FASTPROF_SLOW_REQUESTS_TOP", "2", lambda e: slow(e).top, 2, "100"),
     ("FASTPROF_SLOW_REQUESTS_LEVEL", "ERROR", lambda e: slow(e).level, "error", "loud"),
     ("FASTPROF_SLOW_REQUESTS_EVENT", "slow!", lambda e: slow(e).event, "slow!", ""),
+    ("FASTPROF_SLOW_CAPTURE", "true", lambda e: capture(e).threshold_s, 1.0, "nope"),
+    ("FASTPROF_SLOW_CAPTURE_THRESHOLD_S", "0.5", lambda e: capture(e).threshold_s, 0.5, "-1"),
+    ("FASTPROF_SLOW_CAPTURE_ROUTES", "/search=2, /items/{id}=0.25",
+     lambda e: capture(e).routes, {"/search": 2.0, "/items/{id}": 0.25}, "/search=slow"),
+    ("FASTPROF_SLOW_CAPTURE_MAX_PER_MINUTE", "3", lambda e: capture(e).max_per_minute, 3, "0"),
+    ("FASTPROF_SLOW_CAPTURE_MAX_SPANS", "64", lambda e: capture(e).max_spans, 64, "-1"),
+    ("FASTPROF_SLOW_CAPTURE_TEARDOWN_WAIT_S", "0.5", lambda e: capture(e).teardown_wait_s, 0.5,
+     "x"),
+    ("FASTPROF_SERVER_TIMING", "true", lambda e: (timing(e).allow, timing(e).profiled),
+     (None, True), "sometimes"),
+    ("FASTPROF_SERVER_TIMING_ALLOW", ALLOW, lambda e: timing(e).allow.__qualname__,
+     "allow_internal",
+     "tests.deploy.test_env"),
+    ("FASTPROF_SERVER_TIMING_PROFILED", "false", lambda e: timing(e).profiled, False, "2"),
+    ("FASTPROF_SERVER_TIMING_TOP", "3", lambda e: timing(e).top, 3, "33"),
 ]
 
 
@@ -230,6 +261,8 @@ def test_components_are_off_unless_asked_for() -> None:
     assert options["profiling"] is None
     assert options["loop_monitor"] is None
     assert options["slow_requests"] is None
+    assert options["slow_capture"] is None
+    assert options["server_timing"] is None
     assert dependency_spans({}) == ["marked", "plain"]
     assert dependency_spans({"FASTPROF_DEPENDENCIES": "off"}) == []
 
@@ -286,6 +319,68 @@ async def test_excluded_urls(env: dict[str, str], traced: dict[str, bool], spans
         spans.clear()
         await request(app, path)
         assert bool(spans.server()) is expected, path
+
+
+def test_slow_capture_bad_values_name_the_variable() -> None:
+    with pytest.raises(ValueError, match=r"^FASTPROF_SLOW_CAPTURE_ROUTES='search=1': routes"):
+        check_environ({"FASTPROF_SLOW_CAPTURE_ROUTES": "search=1"})  # not a template
+    with pytest.raises(ValueError, match="^FASTPROF_SLOW_CAPTURE_ROUTES: expected"):
+        check_environ({"FASTPROF_SLOW_CAPTURE_ROUTES": "/search"})  # no threshold
+    # The switch set to false wins over the others.
+    assert capture({"FASTPROF_SLOW_CAPTURE": "false",
+                    "FASTPROF_SLOW_CAPTURE_THRESHOLD_S": "0.5"}) is None
+
+
+@pytest.mark.parametrize("ref", ["tests.deploy.test_env:nothing_here", "no_such_module:f",
+                                 "tests.deploy.test_env:ALLOW"])
+def test_server_timing_allow_bad_import_string(ref: str) -> None:
+    with pytest.raises(ValueError, match="^FASTPROF_SERVER_TIMING_ALLOW: "):
+        check_environ({"FASTPROF_SERVER_TIMING_ALLOW": ref})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("switch", ["true", "false"])
+async def test_server_timing_switch_adds_the_header(switch: str, spans: Any) -> None:
+    """FASTPROF_SERVER_TIMING turns the header on for the requests its predicate allows."""
+    options = opts({"FASTPROF_SERVER_TIMING": switch, "FASTPROF_SERVER_TIMING_ALLOW": ALLOW})
+    app = fastprof.instrument(starlette_app(), tracer_provider=spans.provider, **options)
+    allowed = await request(app, "/internal/x")
+    assert ("server-timing" in allowed.headers) is (switch == "true")
+    if switch == "true":
+        assert allowed.headers["server-timing"].startswith("app;dur=")
+    assert "server-timing" not in (await request(app, "/public")).headers
+
+
+@pytest.mark.anyio
+async def test_slow_capture_switch_exports_an_unsampled_slow_request() -> None:
+    """FASTPROF_SLOW_CAPTURE: a slow request head sampling dropped is exported anyway."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    async def slow_endpoint(request: Any) -> PlainTextResponse:
+        await anyio.sleep(0.06)
+        return PlainTextResponse("ok")
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampling.ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    for switch, exported in (("false", 0), ("true", 1)):
+        exporter.clear()
+        options = opts({"FASTPROF_SLOW_CAPTURE": switch,
+                        "FASTPROF_SLOW_CAPTURE_THRESHOLD_S": "0.05"})
+        app = fastprof.instrument(
+            Starlette(routes=[Route("/slow", slow_endpoint)]), tracer_provider=provider,
+            **options,
+        )
+        assert (await request(app, "/slow")).status_code == 200
+        for _ in range(100):
+            if len(exporter.get_finished_spans()) >= exported:
+                break
+            await anyio.sleep(0.01)
+        server = [s for s in exporter.get_finished_spans()
+                  if s.attributes and s.attributes.get("fastprof.capture") == "slow"]
+        assert len(server) == exported, switch
 
 
 @pytest.mark.parametrize(
