@@ -182,7 +182,71 @@ class LeanRequest:
         scope.pop(SCOPE_KEY, None)
 
 
-class TracedRequest(LeanRequest):
+class HookedRequest(LeanRequest):
+    """A request (or websocket session) whose hooks run: the phases every shape shares."""
+
+    __slots__ = ("_hooks", "_owned", "_recording", "_settings")
+
+    def __init__(
+        self,
+        settings: Settings,
+        state: RequestState,
+        hooks: HookSet,
+        owned: bool,
+        recording: bool,
+        state_token: Token[Any],
+        context_token: Token[Any] | None,
+    ) -> None:
+        super().__init__(state, state_token, context_token)
+        self._settings = settings
+        self._hooks = hooks
+        self._owned = owned
+        self._recording = recording
+
+    def _start_phase(self, scope: Scope) -> None:
+        state = self.state
+        for hook in self._hooks.start:
+            try:
+                hook.on_request_start(state, scope)
+            except Exception as exc:
+                _internal_errors.report("hook.on_request_start", exc)
+
+    def _end_phases(self, scope: Scope, error: BaseException | None) -> None:
+        """``on_response_complete``, then the route and the span's annotations, then
+        ``on_request_end``."""
+        state = self.state
+        for hook in self._hooks.complete:
+            try:
+                hook.on_response_complete(state)
+            except Exception as exc:
+                _internal_errors.report("hook.on_response_complete", exc)
+        try:
+            state.finalize_route()
+            self._annotate_end(scope, error)
+        except Exception as exc:
+            _internal_errors.report("request_end", exc)
+        for hook in self._hooks.end:
+            try:
+                hook.on_request_end(state)
+            except Exception as exc:
+                _internal_errors.report("hook.on_request_end", exc)
+
+    def _annotate_end(self, scope: Scope, error: BaseException | None) -> None:
+        """Record what is known at the end on the span (or its capture record)."""
+
+    def _exit_phase(self, scope: Scope) -> None:
+        """``on_app_exit``, then leave the request and release what it held."""
+        state = self.state
+        for hook in self._hooks.exit:
+            try:
+                hook.on_app_exit(state)
+            except Exception as exc:
+                _internal_errors.report("hook.on_app_exit", exc)
+        self.leave(scope)
+        state._release()
+
+
+class TracedRequest(HookedRequest):
     """A request whose span records or whose hooks run: its whole span lifecycle."""
 
     __slots__ = (
@@ -190,11 +254,7 @@ class TracedRequest(LeanRequest):
         "_disconnected",
         "_ended",
         "_finished",
-        "_hooks",
-        "_owned",
-        "_recording",
         "_response_started",
-        "_settings",
         "_span_method",
         "_trailers",
         "_ttfb_s",
@@ -211,14 +271,8 @@ class TracedRequest(LeanRequest):
         state_token: Token[Any],
         context_token: Token[Any] | None,
     ) -> None:
-        self._settings = settings
-        self.state = state
-        self._hooks = hooks
-        self._owned = owned
-        self._recording = recording
+        super().__init__(settings, state, hooks, owned, recording, state_token, context_token)
         self._span_method = span_method
-        self._state_token = state_token
-        self._context_token = context_token
         self._finished = False
         self._ended = False
         self._completed = False
@@ -228,12 +282,7 @@ class TracedRequest(LeanRequest):
         self._ttfb_s = -1.0
 
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-        hooks = self._hooks
-        for hook in hooks.start:
-            try:
-                hook.on_request_start(self.state, scope)
-            except Exception as exc:
-                _internal_errors.report("hook.on_request_start", exc)
+        self._start_phase(scope)
         if self._recording:
             # Disconnects are only recorded on a recording span.
             receive = self._receive_wrapper(receive)
@@ -249,13 +298,7 @@ class TracedRequest(LeanRequest):
             if not self._ended:
                 self._end_span()
         finally:
-            for hook in hooks.exit:
-                try:
-                    hook.on_app_exit(self.state)
-                except Exception as exc:
-                    _internal_errors.report("hook.on_app_exit", exc)
-            self.leave(scope)
-            self.state._release()
+            self._exit_phase(scope)
 
     def _receive_wrapper(self, receive: Receive) -> Receive:
         async def wrapped_receive() -> Message:
@@ -327,25 +370,14 @@ class TracedRequest(LeanRequest):
         if self._finished:
             return
         self._finished = True
+        self._end_phases(scope, error)
+
+    def _annotate_end(self, scope: Scope, error: BaseException | None) -> None:
         state = self.state
-        for hook in self._hooks.complete:
-            try:
-                hook.on_response_complete(state)
-            except Exception as exc:
-                _internal_errors.report("hook.on_response_complete", exc)
-        try:
-            state.finalize_route()
-            if self._recording:
-                self._annotate(state.span, error)
-            elif state._capture is not None and state._capture.wanted:
-                self._annotate_capture(scope, state._capture.root, error)
-        except Exception as exc:
-            _internal_errors.report("request_end", exc)
-        for hook in self._hooks.end:
-            try:
-                hook.on_request_end(state)
-            except Exception as exc:
-                _internal_errors.report("hook.on_request_end", exc)
+        if self._recording:
+            self._annotate(state.span, error)
+        elif state._capture is not None and state._capture.wanted:
+            self._annotate_capture(scope, state._capture.root, error)
 
     def _end_span(self) -> None:
         """End the SERVER span if fastprof owns it, once."""

@@ -30,7 +30,12 @@ from fastprof.attributes import (
     WEBSOCKET_MESSAGES_SENT,
 )
 from fastprof.hooks import HookSet
-from fastprof.middleware._request import LeanRequest, _route_resolver, open_server_span
+from fastprof.middleware._request import (
+    HookedRequest,
+    LeanRequest,
+    _route_resolver,
+    open_server_span,
+)
 from fastprof.middleware._settings import Settings
 
 __all__ = ["WebSocketSession", "start_session"]
@@ -77,19 +82,10 @@ def start_session(settings: Settings, scope: Scope) -> LeanRequest | WebSocketSe
     return WebSocketSession(settings, state, hooks, owned, recording, state_token, context_token)
 
 
-class WebSocketSession(LeanRequest):
+class WebSocketSession(HookedRequest):
     """A websocket session whose span records or whose hooks run."""
 
-    __slots__ = (
-        "_accepted",
-        "_close_code",
-        "_hooks",
-        "_owned",
-        "_received",
-        "_recording",
-        "_sent",
-        "_settings",
-    )
+    __slots__ = ("_accepted", "_close_code", "_received", "_sent")
 
     def __init__(
         self,
@@ -101,26 +97,14 @@ class WebSocketSession(LeanRequest):
         state_token: Token[Any],
         context_token: Token[Any] | None,
     ) -> None:
-        self._settings = settings
-        self.state = state
-        self._hooks = hooks
-        self._owned = owned
-        self._recording = recording
-        self._state_token = state_token
-        self._context_token = context_token
+        super().__init__(settings, state, hooks, owned, recording, state_token, context_token)
         self._accepted = False
         self._close_code: int | None = None
         self._received = 0
         self._sent = 0
 
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-        state = self.state
-        hooks = self._hooks
-        for hook in hooks.start:
-            try:
-                hook.on_request_start(state, scope)
-            except Exception as exc:
-                _internal_errors.report("hook.on_request_start", exc)
+        self._start_phase(scope)
         if self._recording:
             receive, send = self._receive_wrapper(receive), self._send_wrapper(send)
         error: BaseException | None = None
@@ -130,14 +114,13 @@ class WebSocketSession(LeanRequest):
             error = exc
             raise
         finally:
-            self._finish(error)
-            for hook in hooks.exit:
+            self._end_phases(scope, error)
+            if self._owned:
                 try:
-                    hook.on_app_exit(state)
-                except Exception as exc:
-                    _internal_errors.report("hook.on_app_exit", exc)
-            self.leave(scope)
-            state._release()
+                    self.state.span.end()
+                except Exception as exc:  # pragma: no cover - SDK failure
+                    _internal_errors.report("span_end", exc)
+            self._exit_phase(scope)
 
     def _receive_wrapper(self, receive: Receive) -> Receive:
         async def wrapped_receive() -> Message:
@@ -166,30 +149,9 @@ class WebSocketSession(LeanRequest):
 
         return wrapped_send
 
-    def _finish(self, error: BaseException | None) -> None:
-        """The session is over: hooks, the span's attributes, the span's end (once)."""
-        state = self.state
-        for hook in self._hooks.complete:
-            try:
-                hook.on_response_complete(state)
-            except Exception as exc:
-                _internal_errors.report("hook.on_response_complete", exc)
-        try:
-            state.finalize_route()
-            if self._recording:
-                self._annotate(error)
-        except Exception as exc:
-            _internal_errors.report("request_end", exc)
-        for hook in self._hooks.end:
-            try:
-                hook.on_request_end(state)
-            except Exception as exc:
-                _internal_errors.report("hook.on_request_end", exc)
-        if self._owned:
-            try:
-                state.span.end()
-            except Exception as exc:  # pragma: no cover - SDK failure
-                _internal_errors.report("span_end", exc)
+    def _annotate_end(self, scope: Scope, error: BaseException | None) -> None:
+        if self._recording:
+            self._annotate(error)
 
     def _annotate(self, error: BaseException | None) -> None:
         span = self.state.span
