@@ -52,8 +52,15 @@ def _app(monitor: fastprof.LoopMonitor, spans: Any) -> FastAPI:
 
     @app.get("/collect")
     async def collect() -> dict[str, str]:
-        for _ in range(2):
+        # Full collections of the large heap for at least 0.3 s: a block well past the
+        # threshold however fast the machine is, most of it in the collector. A
+        # collection holds the GIL throughout, so the watchdog samples between them
+        # only; the short sleep after them lets it see the block before the request
+        # ends (its report then lands on the still-open span).
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
             gc.collect()  # CAUSE-GC
+        time.sleep(0.05)
         return {}
 
     @app.get("/dependency")
