@@ -13,7 +13,7 @@ of request serves it:
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextvars import Token
 from typing import Any
 
@@ -43,7 +43,7 @@ from fastprof._otel import (
 from fastprof._records import Record
 from fastprof._routes import resolve_route
 from fastprof.attributes import CLIENT_DISCONNECTED, REQUEST_ID, TIME_TO_RESPONSE_START_S
-from fastprof.hooks import HookSet, RequestHooks
+from fastprof.hooks import HookSet
 from fastprof.middleware._settings import Settings
 
 __all__ = ["LeanRequest", "TracedRequest", "start_request"]
@@ -254,7 +254,10 @@ class TracedRequest(HookedRequest):
         "_disconnected",
         "_ended",
         "_finished",
+        "_receive",
         "_response_started",
+        "_scope",
+        "_send",
         "_span_method",
         "_trailers",
         "_ttfb_s",
@@ -283,11 +286,16 @@ class TracedRequest(HookedRequest):
 
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         self._start_phase(scope)
+        # The wrappers are bound methods, not closures: a request in flight holds
+        # fewer objects for the garbage collector to track.
+        self._scope = scope
+        self._send = send
         if self._recording:
             # Disconnects are only recorded on a recording span.
-            receive = self._receive_wrapper(receive)
+            self._receive = receive
+            receive = self._wrapped_receive
         try:
-            await app(scope, receive, self._send_wrapper(scope, send))
+            await app(scope, receive, self._wrapped_send)
         except BaseException as exc:
             self._complete(scope, exc)
             self._end_span()
@@ -300,57 +308,44 @@ class TracedRequest(HookedRequest):
         finally:
             self._exit_phase(scope)
 
-    def _receive_wrapper(self, receive: Receive) -> Receive:
-        async def wrapped_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                # Only read when the span is annotated, at the response's last
-                # message: a disconnect after it (the usual end of a request) is
-                # never recorded; one before it means the client left.
-                self._disconnected = True
-            return message
+    async def _wrapped_receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            # Only read when the span is annotated, at the response's last
+            # message: a disconnect after it (the usual end of a request) is
+            # never recorded; one before it means the client left.
+            self._disconnected = True
+        return message
 
-        return wrapped_receive
-
-    def _send_wrapper(self, scope: Scope, send: Send) -> Callable[[Message], Awaitable[None]]:
-        hooks = self._hooks.response
-        response_header = self._settings.response_request_id_header
-
-        async def wrapped_send(message: Message) -> None:
-            message_type = message["type"]
-            final = False
-            if message_type == "http.response.start":
-                try:
-                    self._on_response_start(message, hooks, response_header)
-                except Exception as exc:
-                    _internal_errors.report("response_start", exc)
-            elif message_type == "http.response.body":
-                final = not message.get("more_body", False) and not self._trailers
-            elif message_type == "http.response.trailers":
-                final = not message.get("more_trailers", False)
-            elif message_type == "http.response.pathsend":
-                final = True
-            if not final:
-                await send(message)
-                return
-            # Hooks see the span before the last message leaves: an outer layer
-            # (FastAPI native, contrib) ends its span as soon as it passes.
-            self._completed = True
-            self._complete(scope, None)
+    async def _wrapped_send(self, message: Message) -> None:
+        message_type = message["type"]
+        final = False
+        if message_type == "http.response.start":
             try:
-                await send(message)
-            finally:
-                self._end_span()
+                self._on_response_start(message)
+            except Exception as exc:
+                _internal_errors.report("response_start", exc)
+        elif message_type == "http.response.body":
+            final = not message.get("more_body", False) and not self._trailers
+        elif message_type == "http.response.trailers":
+            final = not message.get("more_trailers", False)
+        elif message_type == "http.response.pathsend":
+            final = True
+        if not final:
+            await self._send(message)
+            return
+        # Hooks see the span before the last message leaves: an outer layer
+        # (FastAPI native, contrib) ends its span as soon as it passes.
+        self._completed = True
+        self._complete(self._scope, None)
+        try:
+            await self._send(message)
+        finally:
+            self._end_span()
 
-        return wrapped_send
-
-    def _on_response_start(
-        self,
-        message: Message,
-        hooks: tuple[RequestHooks, ...],
-        response_header: bytes | None,
-    ) -> None:
+    def _on_response_start(self, message: Message) -> None:
         state = self.state
+        response_header = self._settings.response_request_id_header
         self._response_started = True
         self._trailers = bool(message.get("trailers", False))
         state.status_code = message.get("status")
@@ -359,7 +354,7 @@ class TracedRequest(HookedRequest):
             headers = list(message.get("headers", []))
             headers.append((response_header, state.request_id.encode("latin-1")))
             message["headers"] = headers
-        for hook in hooks:
+        for hook in self._hooks.response:
             try:
                 hook.on_response_start(state, message)
             except Exception as exc:
