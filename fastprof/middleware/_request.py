@@ -86,6 +86,32 @@ def start_request(settings: Settings, scope: Scope) -> LeanRequest | TracedReque
     state = RequestState(
         span, method, path, headers, settings.request_id_header, _route_resolver(scope, path)
     )
+    hooks, state_token, context_token = enter(
+        settings, scope, headers, state, owned, recording, ctx, method
+    )
+    if not recording and settings.lean_unsampled:
+        return LeanRequest(state, state_token, context_token)
+    return TracedRequest(
+        settings, state, hooks, owned, recording, span_method, state_token, context_token
+    )
+
+
+def enter(
+    settings: Settings,
+    scope: Scope,
+    headers: list[tuple[bytes, bytes]],
+    state: RequestState,
+    owned: bool,
+    recording: bool,
+    ctx: Context | None,
+    method: str | None,
+) -> tuple[HookSet, Token[Any], Token[Any] | None]:
+    """Annotate a recording span with the request's attributes, publish ``state``
+    (scope and ``current_request``) and attach ``ctx``: ``(hooks, tokens)``.
+
+    ``method``: the HTTP method for the semantic-convention attributes (``None``
+    for a websocket session).
+    """
     if recording:
         hooks = settings.sampled_hooks
         # One batch: every set_attribute call on an SDK span takes its lock.
@@ -93,7 +119,7 @@ def start_request(settings: Settings, scope: Scope) -> LeanRequest | TracedReque
             request_attributes(
                 scope,
                 headers,
-                method_attributes(method),
+                method_attributes(method) if method is not None else {},
                 settings.max_attribute_length,
                 settings.query,
                 settings.sensitive_keys,
@@ -102,7 +128,7 @@ def start_request(settings: Settings, scope: Scope) -> LeanRequest | TracedReque
             else {}
         )
         attrs[REQUEST_ID] = state.request_id
-        span.set_attributes(attrs)
+        state.span.set_attributes(attrs)
     else:
         hooks = settings.unsampled_hooks
     if hooks.worker:
@@ -110,11 +136,7 @@ def start_request(settings: Settings, scope: Scope) -> LeanRequest | TracedReque
     scope[SCOPE_KEY] = state
     state_token = current_request.set(state)
     context_token = attach_context(ctx) if ctx is not None else None
-    if not recording and settings.lean_unsampled:
-        return LeanRequest(state, state_token, context_token)
-    return TracedRequest(
-        settings, state, hooks, owned, recording, span_method, state_token, context_token
-    )
+    return hooks, state_token, context_token
 
 
 def open_server_span(

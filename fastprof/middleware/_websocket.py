@@ -19,11 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from fastprof import _internal_errors
-from fastprof._context import SCOPE_KEY, RequestState, current_request
-from fastprof._http import request_attributes, truncate
-from fastprof._otel import attach_context, current_context, error_type
+from fastprof._context import RequestState
+from fastprof._http import truncate
+from fastprof._otel import current_context, error_type
 from fastprof.attributes import (
-    REQUEST_ID,
     WEBSOCKET_ACCEPTED,
     WEBSOCKET_CLOSE_CODE,
     WEBSOCKET_MESSAGES_RECEIVED,
@@ -34,6 +33,7 @@ from fastprof.middleware._request import (
     HookedRequest,
     LeanRequest,
     _route_resolver,
+    enter,
     open_server_span,
 )
 from fastprof.middleware._settings import Settings
@@ -56,27 +56,9 @@ def start_session(settings: Settings, scope: Scope) -> LeanRequest | WebSocketSe
         span, "GET", path, headers, settings.request_id_header, _route_resolver(scope, path)
     )
     state.websocket = True
-    hooks = settings.sampled_hooks if recording else settings.unsampled_hooks
-    if recording:
-        attrs = (
-            request_attributes(
-                scope,
-                headers,
-                {},
-                settings.max_attribute_length,
-                settings.query,
-                settings.sensitive_keys,
-            )
-            if owned
-            else {}
-        )
-        attrs[REQUEST_ID] = state.request_id
-        span.set_attributes(attrs)
-    if hooks.worker:
-        state._worker_hooks = hooks.worker
-    scope[SCOPE_KEY] = state
-    state_token = current_request.set(state)
-    context_token = attach_context(ctx) if ctx is not None else None
+    hooks, state_token, context_token = enter(
+        settings, scope, headers, state, owned, recording, ctx, None
+    )
     if not recording and hooks.empty:
         return LeanRequest(state, state_token, context_token)
     return WebSocketSession(settings, state, hooks, owned, recording, state_token, context_token)
