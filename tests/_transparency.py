@@ -165,3 +165,21 @@ async def assert_transparent(factory: AppFactory, driver: Driver) -> tuple[Recor
     )
     assert instrumented.exception == bare.exception
     return bare, instrumented
+
+
+async def garbage_after_requests(app: ASGIApp, path: str, warmup: int = 20, count: int = 50) -> int:
+    """Objects the collector frees after ``count`` GETs of ``path`` run with it disabled
+    (0: the requests made no reference cycles). Each response must be a 200."""
+    import gc
+
+    for _ in range(warmup):
+        await drive_http(app, "GET", path)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(count):
+            rec = await drive_http(app, "GET", path)
+            assert rec.sent[0]["status"] == 200
+        return gc.collect()
+    finally:
+        gc.enable()

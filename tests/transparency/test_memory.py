@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
 import fastprof
-from tests._transparency import drive_http
+from tests._transparency import drive_http, garbage_after_requests
 
 pytestmark = pytest.mark.anyio
 
@@ -70,18 +70,7 @@ async def test_requests_create_no_reference_cycles(config: str) -> None:
     if config == "native" and not HAS_NATIVE:
         pytest.skip("FastAPI < 0.142 has no native telemetry")
     app = make_app(config)
-    for _ in range(20):
-        await drive_http(app, "GET", "/items/1")
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(50):
-            rec = await drive_http(app, "GET", "/items/1")
-            assert rec.sent[0]["status"] == 200
-        garbage = gc.collect()
-    finally:
-        gc.enable()
-    assert garbage == 0
+    assert await garbage_after_requests(app, "/items/1") == 0
 
 
 async def test_memory_does_not_grow_over_many_requests() -> None:
