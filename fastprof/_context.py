@@ -97,7 +97,8 @@ class RequestState:
     #: Called by dependency spans as a dependency that ran on the loop ends,
     #: before its span ends: ``(state, span)`` (the loop monitor reports a block
     #: in progress in it while the span is open).
-    _operation_end: Callable[[RequestState, Any], None] | None = None
+    #: The hooks told when a dependency that ran on the loop ends (set by the middleware).
+    _operation_hooks: tuple[RequestHooks, ...] = ()
     #: The slow-request capture's records of this unsampled request (slow capture).
     _capture: Any = None
     #: Record timings (no spans) for this request even if unsampled (set at
@@ -220,7 +221,7 @@ class RequestState:
             self._route_resolver = None
         self._id_headers = None
         self._profile = self._dependencies = self._task = None
-        self._operation_end = self._capture = None
+        self._capture = None
 
     def elapsed_s(self) -> float:
         """Seconds since the request started."""

@@ -5,7 +5,9 @@ fixed points of its life (the *phases*, in this order):
 
 1. :meth:`~RequestHooks.on_request_start`: in the request's task, before the app runs;
 2. :meth:`~RequestHooks.run_in_worker`: around each piece of sync code fastprof
-   runs in a worker thread for the request (sync dependencies, sync endpoints);
+   runs in a worker thread for the request (sync dependencies, sync endpoints),
+   and :meth:`~RequestHooks.on_operation_end` as each dependency that ran on the
+   event loop ends;
 3. :meth:`~RequestHooks.on_response_start`: before ``http.response.start`` leaves;
 4. :meth:`~RequestHooks.on_response_complete`: as the response's last message
    is about to leave, before fastprof's own end-of-request work;
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from starlette.types import Message, Scope
 
@@ -91,6 +93,13 @@ class RequestHooks:
         """
         return call()
 
+    def on_operation_end(self, state: RequestState, span: Any) -> None:
+        """Called as a dependency that ran on the event loop ends, before its span ends.
+
+        ``span`` is the dependency's span (or its slow-capture record). The loop
+        monitor puts the report of a block still in progress on it while it is open.
+        """
+
     def on_response_start(self, state: RequestState, message: Message) -> None:
         """Called before ``http.response.start`` is sent; may append headers."""
 
@@ -129,7 +138,17 @@ def ordered(hooks: Iterable[RequestHooks]) -> tuple[RequestHooks, ...]:
 class HookSet:
     """Per-phase tuples of the hooks that implement it: nothing to call is free."""
 
-    __slots__ = ("complete", "empty", "end", "exit", "gates", "response", "start", "worker")
+    __slots__ = (
+        "complete",
+        "empty",
+        "end",
+        "exit",
+        "gates",
+        "operation",
+        "response",
+        "start",
+        "worker",
+    )
 
     def __init__(self, hooks: tuple[RequestHooks, ...]) -> None:
         #: ``wants_unsampled`` of every hook, or ``None`` when a hook wants every
@@ -140,12 +159,19 @@ class HookSet:
         )
         self.start = _implementing(hooks, "on_request_start")
         self.worker = _implementing(hooks, "run_in_worker")
+        self.operation = _implementing(hooks, "on_operation_end")
         self.response = _implementing(hooks, "on_response_start")
         self.complete = _implementing(hooks, "on_response_complete")
         self.end = _implementing(hooks, "on_request_end")
         self.exit = _implementing(hooks, "on_app_exit")
         self.empty = not (
-            self.start or self.worker or self.response or self.complete or self.end or self.exit
+            self.start
+            or self.worker
+            or self.operation
+            or self.response
+            or self.complete
+            or self.end
+            or self.exit
         )
 
 

@@ -367,9 +367,13 @@ def end_call(node: Node, on_loop: bool, error: BaseException | None, kind: str) 
             state = node.tracker.state
             state.current_operation = node.prev_operation
             ended, state._operation_span = state._operation_span, node.prev_span
-            callback = state._operation_end
-            if callback is not None and ended is not None:
-                callback(state, ended)  # before the span ends: a block's event may go on it
+            if ended is not None:
+                # Before the span ends: a block's event may go on it.
+                for hook in state._operation_hooks:
+                    try:
+                        hook.on_operation_end(state, ended)
+                    except Exception as exc:
+                        _internal_errors.report("hook.on_operation_end", exc)
     except Exception as exc:
         _internal_errors.report("dependencies.detach", exc)
     try:

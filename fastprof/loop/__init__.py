@@ -161,7 +161,6 @@ class LoopMonitor(RequestHooks):
         #: Lag of the last heartbeat in seconds (read by the health check and metrics).
         self.lag_s = 0.0
         self._beat_listeners: tuple[Callable[[float], None], ...] = ()
-        self._operation_end = self._on_operation_end
 
     def add_beat_listener(self, listener: Callable[[float], None]) -> None:
         """Call ``listener(lag_s)`` on the loop thread at every heartbeat (keep it cheap).
@@ -236,7 +235,6 @@ class LoopMonitor(RequestHooks):
                 state._task = task
             if len(self._tasks) < _MAX_REGISTERED:
                 self._tasks[task] = _Entry(state)
-                state._operation_end = self._operation_end
         if self._threadpool:
             self._threadpool_watch.maybe_refresh()
 
@@ -278,7 +276,7 @@ class LoopMonitor(RequestHooks):
         state = entry.state
         return entry, state.current_operation, state._operation_span
 
-    def _on_operation_end(self, state: RequestState, span: Any) -> None:
+    def on_operation_end(self, state: RequestState, span: Any) -> None:
         """Loop thread: a dependency of ``state`` that ran on the loop is ending.
 
         A block in progress that happened in it is reported now, while its span

@@ -133,6 +133,8 @@ def enter(
         hooks = settings.unsampled_hooks
     if hooks.worker:
         state._worker_hooks = hooks.worker
+    if hooks.operation:
+        state._operation_hooks = hooks.operation
     scope[SCOPE_KEY] = state
     state_token = current_request.set(state)
     context_token = attach_context(ctx) if ctx is not None else None
