@@ -398,3 +398,66 @@ def _fastprof_capture_unsampled(ctx: SetupContext) -> ASGIApp:
         tracer_provider=ctx.tracer_provider(sampled=False),
         slow_capture=fastprof.SlowRequestCapture(threshold_s=1.0),
     )
+
+
+def _production_unsampled(ctx: SetupContext, **features: Any) -> ASGIApp:
+    """``instrument(app)`` (dependency spans on) plus ``features``, nothing head-sampled:
+    what production pays per request; compare with ``fastprof-deps-unsampled``."""
+    import fastprof
+
+    return fastprof.instrument(
+        create_app(), tracer_provider=ctx.tracer_provider(sampled=False), **features
+    )
+
+
+@variant(
+    "fastprof-loop-unsampled",
+    "instrument(app) + LoopMonitor(threshold_s=0.1), ALWAYS_OFF",
+    requires=_needs_instrument_option("loop_monitor"),
+    default=False,
+)
+def _fastprof_loop_unsampled(ctx: SetupContext) -> ASGIApp:
+    import fastprof
+
+    return _production_unsampled(ctx, loop_monitor=fastprof.LoopMonitor(threshold_s=0.1))
+
+
+@variant(
+    "fastprof-slowlog-unsampled",
+    "instrument(app) + SlowRequestLog(threshold_s=1.0), ALWAYS_OFF",
+    requires=_needs_instrument_option("slow_requests"),
+    default=False,
+)
+def _fastprof_slowlog_unsampled(ctx: SetupContext) -> ASGIApp:
+    import fastprof
+
+    return _production_unsampled(ctx, slow_requests=fastprof.SlowRequestLog(threshold_s=1.0))
+
+
+@variant(
+    "fastprof-profiling-idle-unsampled",
+    "instrument(app) + Profiling(secret=...), never triggered, ALWAYS_OFF",
+    requires=_needs_instrument_option("profiling"),
+    default=False,
+)
+def _fastprof_profiling_idle_unsampled(ctx: SetupContext) -> ASGIApp:
+    import fastprof
+
+    return _production_unsampled(ctx, profiling=fastprof.Profiling(secret=_PROFILING_SECRET))
+
+
+@variant(
+    "fastprof-all-unsampled",
+    "instrument(app) + loop monitor + slow-request log + idle profiling, ALWAYS_OFF",
+    requires=_needs_instrument_option("slow_requests"),
+    default=False,
+)
+def _fastprof_all_unsampled(ctx: SetupContext) -> ASGIApp:
+    import fastprof
+
+    return _production_unsampled(
+        ctx,
+        loop_monitor=fastprof.LoopMonitor(threshold_s=0.1),
+        slow_requests=fastprof.SlowRequestLog(threshold_s=1.0),
+        profiling=fastprof.Profiling(secret=_PROFILING_SECRET),
+    )
