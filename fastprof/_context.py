@@ -88,8 +88,11 @@ class RequestState:
     _profile: Any = None
     #: The dependency span tree of this request (dependency spans).
     _dependencies: Any = None
-    #: The asyncio task serving this request (loop monitor).
-    _task: Any = None
+    #: Span events the loop monitor put on this request's spans (it caps them).
+    _loop_events: int = 0
+    #: The request is over for the loop monitor: its response completed, or the
+    #: application returned (a block seen afterwards is not charged to it).
+    _ended: bool = False
     #: The span (or capture record) of the innermost dependency running on the
     #: loop for this request, set with :attr:`current_operation` (dependency
     #: spans); read by the loop watchdog's thread to put a block's event on it.
@@ -220,7 +223,7 @@ class RequestState:
                 self._route = resolver()
             self._route_resolver = None
         self._id_headers = None
-        self._profile = self._dependencies = self._task = None
+        self._profile = self._dependencies = None
         self._capture = None
 
     def elapsed_s(self) -> float:

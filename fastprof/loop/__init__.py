@@ -6,12 +6,18 @@ Usage::
 
     fastprof.instrument(app, loop_monitor=fastprof.LoopMonitor(threshold_s=0.1))
 
-:class:`LoopMonitor` is a :class:`~fastprof.hooks.RequestHooks`: the
-middleware tells it which asyncio task serves which request. It starts a
+:class:`LoopMonitor` is a :class:`~fastprof.hooks.RequestHooks`. It starts a
 :class:`~fastprof.loop._watchdog.LoopWatchdog` (a heartbeat on the loop plus a
 daemon thread) in the serving process, lazily: at lifespan startup when
 ``instrument()`` installed it, else at the first request. It never patches
 asyncio, so it behaves the same on asyncio and uvloop.
+
+Requests cost it nothing: it finds the request that blocks the loop only when
+the loop is blocked, from the loop thread's stack (the frame of
+:class:`~fastprof.FastprofMiddleware` serving it), so an unsampled request
+takes the middleware's lean path with the monitor on. Its hooks run only for
+requests that are traced anyway (a recording span, or another hook that wants
+them): they report a block still in progress while the request's span is open.
 
 When the loop is blocked longer than ``threshold_s`` it reports, once per block
 and per request that blocked it (two requests blocking one after the other get
@@ -44,9 +50,11 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from types import CodeType, FrameType
 from typing import Any, Final
 
 from opentelemetry.metrics import MeterProvider
+from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.types import Scope
 
 from fastprof import _internal_errors
@@ -66,20 +74,26 @@ from fastprof.loop._report import analyse
 from fastprof.loop._threadpool import ThreadpoolWatch
 from fastprof.loop._watchdog import Block, LoopWatchdog
 from fastprof.metrics import ThreadpoolSnapshot
+from fastprof.middleware import FastprofMiddleware
 
 __all__ = ["LoopMonitor"]
 
-_MAX_REGISTERED: Final = 100_000
+#: Frames walked outward from the blocking line to find the request serving it.
+_MAX_WALK: Final = 2000
 
+#: Code objects whose frame holds the request (the local that holds it).
+_REQUEST_FRAMES: Final[dict[CodeType, str]] = {
+    FastprofMiddleware.__call__.__code__: "request",
+    FastprofMiddleware._websocket.__code__: "session",
+}
 
-class _Entry:
-    """A request registered for its task."""
+#: Code objects of Starlette's background tasks: they run inside the middleware's
+#: call, after the response; a block in one is not charged to the request.
+_BACKGROUND_FRAMES: Final[frozenset[CodeType]] = frozenset(
+    {BackgroundTask.__call__.__code__, BackgroundTasks.__call__.__code__}
+)
 
-    __slots__ = ("events", "state")
-
-    def __init__(self, state: RequestState) -> None:
-        self.state = state
-        self.events = 0
+_OUTSIDE: Final = object()
 
 
 class LoopMonitor(RequestHooks):
@@ -156,7 +170,6 @@ class LoopMonitor(RequestHooks):
         self._lock = threading.Lock()
         self._watchdog: LoopWatchdog | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: dict[asyncio.Task[Any], _Entry] = {}
         self._threadpool_watch = ThreadpoolWatch(self.saturation_log_interval_s)
         #: Lag of the last heartbeat in seconds (read by the health check and metrics).
         self.lag_s = 0.0
@@ -193,7 +206,6 @@ class LoopMonitor(RequestHooks):
             self._threadpool_watch.reset()
         if watchdog is not None:
             watchdog.stop()
-        self._tasks.clear()
 
     def _ensure_started(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
@@ -206,7 +218,6 @@ class LoopMonitor(RequestHooks):
                 if old is not None and not old.is_closed() and old.is_running():
                     return  # another live loop is monitored; one loop per monitor
                 watchdog.stop()
-            self._tasks.clear()
             self._threadpool_watch.reset()
             watchdog = LoopWatchdog(
                 threshold_s=self.threshold_s,
@@ -225,27 +236,26 @@ class LoopMonitor(RequestHooks):
 
     # -- request hooks (loop thread) --------------------------------------------
 
+    def wants_unsampled(self, scope: Scope) -> bool:
+        # Only to start monitoring a loop without a lifespan: the watchdog finds
+        # the requests it needs on the stack.
+        return asyncio.get_running_loop() is not self._loop
+
     def on_request_start(self, state: RequestState, scope: Scope) -> None:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._ensure_started(loop)
-        task = asyncio.current_task(loop)
-        if task is not None:
-            if state._task is None:
-                state._task = task
-            if len(self._tasks) < _MAX_REGISTERED:
-                self._tasks[task] = _Entry(state)
         if self._threadpool:
             self._threadpool_watch.maybe_refresh()
 
     def on_request_end(self, state: RequestState) -> None:
-        task = state._task
-        entry = self._tasks.get(task) if task is not None else None
-        if entry is not None and entry.state is state:
+        watchdog = self._watchdog
+        if watchdog is not None and watchdog.current_blocks:
             # The request finishes inside a blocking callback: report its block
             # now, while its span is still open, with the duration so far.
-            self._report_open(entry, None)
-            self._tasks.pop(task, None)
+            self._report_open(state, None)
+        # Later blocks of its task (what runs after the response) are not its own.
+        state._ended = True
         if self._threadpool:
             record = self._metrics.threadpool_wait.record
             for timing in state.timings:
@@ -255,26 +265,22 @@ class LoopMonitor(RequestHooks):
 
     # -- watchdog callbacks -------------------------------------------------------
 
-    def _resolve_owner(self, task: asyncio.Task[Any]) -> tuple[Any, str | None, Any]:
-        """Watchdog thread: the request entry of ``task``, its current operation and
-        the span of the dependency running (if any)."""
-        entry = self._tasks.get(task)
-        if entry is None:
+    def _resolve_owner(
+        self, task: asyncio.Task[Any] | None, frame: FrameType | None
+    ) -> tuple[Any, str | None, Any]:
+        """Watchdog thread: the request blocking the loop (its state), its current
+        operation and the span of the dependency running (if any)."""
+        state = _request_on_stack(frame)
+        if state is None and task is not None:
             get_context = getattr(task, "get_context", None)  # Python 3.12+
             if get_context is not None:
                 # A task the request started (a streaming response's sender, a task
-                # group): charge the request's own entry, so that its samples group
-                # together, and only while the request is in flight (a background
+                # group): charged to the request while it is in flight (a background
                 # task running after the response keeps the context, not the request).
                 state = get_context().get(current_request)
-                if state is not None and state._task is not None:
-                    owner = self._tasks.get(state._task)
-                    if owner is not None and owner.state is state:
-                        entry = owner
-        if entry is None:
+        if not isinstance(state, RequestState) or state._ended:
             return None, None, None
-        state = entry.state
-        return entry, state.current_operation, state._operation_span
+        return state, state.current_operation, state._operation_span
 
     def on_operation_end(self, state: RequestState, span: Any) -> None:
         """Loop thread: a dependency of ``state`` that ran on the loop is ending.
@@ -285,19 +291,16 @@ class LoopMonitor(RequestHooks):
         watchdog = self._watchdog
         if watchdog is None or not watchdog.current_blocks or span is None:
             return
-        task = state._task
-        entry = self._tasks.get(task) if task is not None else None
-        if entry is not None and entry.state is state:
-            self._report_open(entry, span)
+        self._report_open(state, span)
 
-    def _report_open(self, entry: _Entry, span: Any) -> None:
-        """Report the unreported blocks of ``entry`` seen so far (only those that
+    def _report_open(self, state: RequestState, span: Any) -> None:
+        """Report the unreported blocks of ``state`` seen so far (only those that
         happened in ``span``, when given), ending the one in progress now."""
         watchdog = self._watchdog
         if watchdog is None:
             return
         for block in watchdog.current_blocks:
-            if block.reported or block.owner is not entry or not block.samples:
+            if block.reported or block.owner is not state or not block.samples:
                 continue
             if span is not None:
                 report = analyse(block, 0.0)
@@ -333,20 +336,21 @@ class LoopMonitor(RequestHooks):
             if duration >= self.threshold_s:
                 record_metrics(self._metrics, duration, False, None)
             return
-        entry: _Entry | None = report.owner if isinstance(report.owner, _Entry) else None
-        state = entry.state if entry is not None else None
+        state: RequestState | None = (
+            report.owner if isinstance(report.owner, RequestState) else None
+        )
         if duration < self.threshold_s:
             # The short rest of a split block: counted for its request, not reported.
             if state is not None:
                 state.blocked_s += duration
             return
         route = state.route if state is not None else None
-        record_metrics(self._metrics, duration, entry is not None, route, report.cause)
-        if entry is not None and state is not None:
+        record_metrics(self._metrics, duration, state is not None, route, report.cause)
+        if state is not None:
             state.blocked_s += duration
             target = _event_target(state, report.span)
-            if target is not None and entry.events < MAX_EVENTS_PER_REQUEST:
-                entry.events += 1
+            if target is not None and state._loop_events < MAX_EVENTS_PER_REQUEST:
+                state._loop_events += 1
                 add_span_event(target, report, self.threshold_s, self.max_stack_chars)
         limit = self._log_limit
         if limit is not None and limit.allow():
@@ -376,3 +380,26 @@ def _event_target(state: RequestState, span: Any) -> Any:
         return state.span
     capture = state._capture
     return capture.root if capture is not None else None
+
+
+def _request_on_stack(frame: FrameType | None) -> Any:
+    """The :class:`RequestState` of the innermost request on the loop thread's stack
+    from ``frame`` outward (watchdog thread, the loop thread stopped in a callback):
+    ``None`` when no request is, :data:`_OUTSIDE` in a background task run after
+    its response."""
+    walked = 0
+    while frame is not None and walked < _MAX_WALK:
+        code = frame.f_code
+        if code in _BACKGROUND_FRAMES:
+            return _OUTSIDE
+        name = _REQUEST_FRAMES.get(code)
+        if name is not None:
+            # The middleware's frame, read only here (a copy of its locals, made
+            # under the GIL while the loop thread waits for it).
+            state = getattr(frame.f_locals.get(name), "state", None)
+            if isinstance(state, RequestState):
+                return state
+            # Not started (or passed through): an outer request may be on the stack.
+        frame = frame.f_back
+        walked += 1
+    return None

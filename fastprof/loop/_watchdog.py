@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from fastprof import _internal_errors
@@ -79,7 +80,7 @@ class Sample:
         stack: tuple[Frame, ...],
         span: Any = None,
     ) -> None:
-        #: What ``resolve_owner(task)`` returned (a request's state) or ``None``.
+        #: What ``resolve_owner(task, frame)`` returned (a request's state) or ``None``.
         self.owner = owner
         self.task_name = task_name
         self.operation = operation
@@ -135,7 +136,9 @@ class LoopWatchdog:
         max_samples: int,
         max_stack_depth: int,
         on_beat: Callable[[float, list[Block]], None],
-        resolve_owner: Callable[[asyncio.Task[Any]], tuple[Any, str | None, Any]],
+        resolve_owner: Callable[
+            [asyncio.Task[Any] | None, FrameType | None], tuple[Any, str | None, Any]
+        ],
     ) -> None:
         self.threshold_s = threshold_s
         self.interval_s = interval_s
@@ -357,21 +360,20 @@ class LoopWatchdog:
             task = asyncio.current_task(loop)
         except Exception:  # pragma: no cover - loop without task support
             task = None
-        frame = sys._current_frames().get(tid) if with_stack else None
+        top = sys._current_frames().get(tid)
         stack: list[Frame] = []
-        depth = self.max_stack_depth
+        depth = self.max_stack_depth if with_stack else 0
+        frame = top
         while frame is not None and len(stack) < depth:
             code = frame.f_code
             stack.append((code.co_filename, frame.f_lineno or 0, code.co_name))
             frame = frame.f_back
         del frame
         stack.reverse()
-        owner: Any = None
         task_name: str | None = None
-        operation: str | None = None
-        span: Any = None
+        owner, operation, span = self._resolve_owner(task, top)
+        del top
         if task is not None:
-            owner, operation, span = self._resolve_owner(task)
             try:
                 task_name = task.get_name()
             except Exception:  # pragma: no cover - exotic task

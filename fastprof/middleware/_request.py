@@ -195,6 +195,7 @@ class LeanRequest:
         self._context_token = context_token
 
     def leave(self, scope: Scope) -> None:
+        self.state._ended = True
         if self._context_token is not None:
             try:
                 detach_context(self._context_token)

@@ -331,3 +331,33 @@ async def test_never_triggered_profiling_keeps_unsampled_requests_lean() -> None
     response_headers = dict(sent[-2]["headers"])
     assert b"x-fastprof-profile-id" in response_headers
     assert profiling.flush(10)
+
+
+async def test_loop_monitor_keeps_unsampled_requests_lean() -> None:
+    """The loop monitor finds a blocking request on the stack: once it monitors the loop
+    (started at lifespan or by the first request), unsampled requests take the lean path."""
+    received: list[tuple[object, object]] = []
+
+    async def raw_app(scope: Any, receive: Any, send: Any) -> None:
+        received.append((receive, send))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    monitor = fastprof.LoopMonitor(threshold_s=0.5)
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    app = fastprof.FastprofMiddleware(raw_app, tracer_provider=provider, hooks=[monitor])
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    try:
+        for _ in range(2):
+            await app({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send)
+        assert monitor.running  # started by the first request (no lifespan here)
+        assert received[0][1] is not send  # the first one ran the monitor's hooks
+        assert received[1][0] is receive and received[1][1] is send  # then: lean
+    finally:
+        monitor.stop()
