@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fastprof import _internal_errors
 from fastprof._context import SCOPE_KEY
 from fastprof.hooks import RequestHooks
-from fastprof.middleware._request import LeanRequest, start_request
+from fastprof.middleware._request import LeanRequest, UnsampledRequest, start_request
 from fastprof.middleware._settings import ExcludeOption, MiddlewareOptions, Settings
 from fastprof.middleware._websocket import start_session
 
@@ -102,6 +102,16 @@ class FastprofMiddleware:
                 await self.app(scope, receive, send)
             finally:
                 request.leave(scope)
+            return
+        if type(request) is UnsampledRequest:
+            # An unsampled request some hook wants: hooks, and no span work.
+            try:
+                await self.app(scope, receive, request.bind(send))
+            except BaseException as exc:
+                request.complete(exc)
+                raise
+            finally:
+                request.exit(scope)
             return
         await request.run(self.app, scope, receive, send)  # type: ignore[attr-defined]
 

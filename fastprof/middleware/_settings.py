@@ -63,8 +63,6 @@ class Settings:
     #: the hooks, if every one of them has one (an unsampled request none of them
     #: wants is lean), else ``None``.
     unsampled_gates: tuple[Callable[[Scope], bool], ...] | None
-    #: :attr:`drop_fast_path` when unsampled requests can be lean, else ``None``.
-    lean_fast_path: Callable[[Context], Span | None] | None
 
     @classmethod
     def build(
@@ -111,7 +109,6 @@ class Settings:
             unsampled_hooks=unsampled,
             lean_unsampled=lean,
             unsampled_gates=gates,
-            lean_fast_path=fast if lean or gates is not None else None,
         )
 
 
