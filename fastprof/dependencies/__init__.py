@@ -139,13 +139,16 @@ class DependencySpans(RequestHooks):
     def on_request_start(self, state: RequestState, scope: Scope) -> None:
         if not self.enabled:
             return
-        if state.span.is_recording():
+        recording = state.span.is_recording()
+        if recording:
             max_spans = self.max_spans
         elif self.timings_when_unsampled or state.profile_id is not None or state._wants_timings:
             max_spans = 0  # timings only: no span for an unsampled request
         else:
             return  # unsampled: FastAPI runs exactly as without fastprof
-        tracker = state._dependencies = Tracker(self._tracer, max_spans, state, self._marked_only)
+        tracker = state._dependencies = Tracker(
+            self._tracer, max_spans, state, self._marked_only, recording
+        )
         if max_spans == 0 and state._capture is not None:
             # The slow-request capture follows it: cheap records instead of spans.
             tracker.records = state._capture

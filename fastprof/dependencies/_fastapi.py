@@ -166,10 +166,27 @@ class _OverridesView:
 
 
 class _OverridesProvider:
-    __slots__ = ("dependency_overrides",)
+    __slots__ = ("dependency_overrides", "provider")
 
     def __init__(self, provider: Any, marked_only: bool) -> None:
+        self.provider = provider
         self.dependency_overrides = _OverridesView(provider, marked_only)
+
+
+#: (id(provider), marked_only) -> its view: one per application, not one per request
+#: (the view reads the overrides live). A process has one or a few applications.
+_providers: dict[tuple[int, bool], _OverridesProvider] = {}
+_MAX_PROVIDERS = 64
+
+
+def _overrides_provider(provider: Any, marked_only: bool) -> _OverridesProvider:
+    key = (id(provider), marked_only)
+    view = _providers.get(key)
+    if view is None or view.provider is not provider:
+        if len(_providers) >= _MAX_PROVIDERS:
+            _providers.clear()
+        view = _providers[key] = _OverridesProvider(provider, marked_only)
+    return view
 
 
 
@@ -232,7 +249,7 @@ def _enter_solve(
         # here; without it the request span is current and fastprof adds phases
         # (to a sampled request: an unsampled one only records timings).
         span = tracker.state.span
-        if trace.get_current_span(ctx) is span and span.is_recording():
+        if tracker.recording and trace.get_current_span(ctx) is span:
             tracker.phases = True
             tracker.server_ctx = ctx  # the parent of teardown spans
             node.span = start_span(
@@ -253,7 +270,7 @@ def _enter_solve(
             and not isinstance(provider, _OverridesProvider)
             and getattr(provider, "dependency_overrides", None) is not None
         ):
-            kwargs["dependency_overrides_provider"] = _OverridesProvider(
+            kwargs["dependency_overrides_provider"] = _overrides_provider(
                 provider, tracker.marked_only
             )
     else:

@@ -68,6 +68,7 @@ class Tracker:
         "max_spans",
         "pending",
         "phases",
+        "recording",
         "records",
         "server_ctx",
         "spans",
@@ -79,7 +80,12 @@ class Tracker:
     )
 
     def __init__(
-        self, tracer: trace.Tracer, max_spans: int, state: RequestState, marked_only: bool
+        self,
+        tracer: trace.Tracer,
+        max_spans: int,
+        state: RequestState,
+        marked_only: bool,
+        recording: bool = True,
     ) -> None:
         #: Emit fastprof phase spans (no native operation span around the solver).
         self.phases = False
@@ -97,7 +103,11 @@ class Tracker:
         #: no span or record work at all.
         self.spans_on = max_spans > 0
         self.current: Node | None = None  # the dependant being solved
-        self.epoch_offset = time.time_ns() - time.perf_counter_ns()
+        #: Add to ``perf_counter_ns`` readings for span times (read only when the
+        #: request's span records: a timings-only tracker has no span).
+        self.epoch_offset = time.time_ns() - time.perf_counter_ns() if recording else 0
+        #: The request's span records: phase spans, FastAPI's native span checks.
+        self.recording = recording
         self.server_ctx: Context | None = None
         self.token: Any = None
         #: An unsampled request the slow-request capture follows: its nodes get
