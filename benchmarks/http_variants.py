@@ -102,7 +102,12 @@ def _native_telemetry() -> bool:
 
 
 def _instrumented(
-    sampler: str, *, loop: bool = False, slowlog: bool = False, profiling: bool = False
+    sampler: str,
+    *,
+    loop: bool = False,
+    slowlog: bool = False,
+    profiling: bool = False,
+    slowlog_dependencies: str = "all",
 ) -> ASGIApp:
     import fastprof
 
@@ -110,10 +115,23 @@ def _instrumented(
     if loop:
         options["loop_monitor"] = fastprof.LoopMonitor(threshold_s=0.1)
     if slowlog:
-        options["slow_requests"] = fastprof.SlowRequestLog(threshold_s=1.0)
+        options["slow_requests"] = fastprof.SlowRequestLog(
+            threshold_s=1.0, **_slowlog_options(slowlog_dependencies)
+        )
     if profiling:
         options["profiling"] = fastprof.Profiling(secret=PROFILING_SECRET)
     return fastprof.instrument(create_app(), tracer_provider=tracer_provider(sampler), **options)
+
+
+def _slowlog_options(dependencies: str) -> dict[str, Any]:
+    """``dependencies=`` only when it is not the default (older fastprof lacks it)."""
+    if dependencies == "all":
+        return {}
+    import fastprof
+
+    if "dependencies" not in inspect.signature(fastprof.SlowRequestLog).parameters:
+        raise Skip("SlowRequestLog has no dependencies= option in this fastprof")
+    return {"dependencies": dependencies}
 
 
 # --- the variants ------------------------------------------------------------------------
@@ -144,6 +162,14 @@ def _slowlog() -> ASGIApp:
     return _instrumented("off", slowlog=True)
 
 
+@_variant(
+    "slowlog-traced",
+    "default + SlowRequestLog(threshold_s=1.0, dependencies='traced') (never logs here)",
+)
+def _slowlog_traced() -> ASGIApp:
+    return _instrumented("off", slowlog=True, slowlog_dependencies="traced")
+
+
 @_variant("profiling-idle", "default + Profiling(secret=...), never triggered")
 def _profiling_idle() -> ASGIApp:
     return _instrumented("off", profiling=True)
@@ -157,6 +183,16 @@ def _all_unsampled() -> ASGIApp:
 @_variant("all-1pct", "all three, ParentBased(TraceIdRatioBased(0.01))")
 def _all_1pct() -> ASGIApp:
     return _instrumented("1pct", loop=True, slowlog=True, profiling=True)
+
+
+@_variant(
+    "all-traced-1pct",
+    "all three, slow-request log dependencies='traced', ParentBased(TraceIdRatioBased(0.01))",
+)
+def _all_traced_1pct() -> ASGIApp:
+    return _instrumented(
+        "1pct", loop=True, slowlog=True, profiling=True, slowlog_dependencies="traced"
+    )
 
 
 @_variant("all-10pct", "all three, ParentBased(TraceIdRatioBased(0.10))", default=False)

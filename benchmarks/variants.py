@@ -400,6 +400,14 @@ def _fastprof_capture_unsampled(ctx: SetupContext) -> ASGIApp:
     )
 
 
+def _needs_slowlog_dependencies() -> str | None:
+    import fastprof
+
+    if "dependencies" not in inspect.signature(fastprof.SlowRequestLog).parameters:
+        return "SlowRequestLog has no dependencies= option in this fastprof"
+    return None
+
+
 def _production_unsampled(ctx: SetupContext, **features: Any) -> ASGIApp:
     """``instrument(app)`` (dependency spans on) plus ``features``, nothing head-sampled:
     what production pays per request; compare with ``fastprof-deps-unsampled``."""
@@ -432,6 +440,37 @@ def _fastprof_slowlog_unsampled(ctx: SetupContext) -> ASGIApp:
     import fastprof
 
     return _production_unsampled(ctx, slow_requests=fastprof.SlowRequestLog(threshold_s=1.0))
+
+
+@variant(
+    "fastprof-slowlog-traced-unsampled",
+    "instrument(app) + SlowRequestLog(threshold_s=1.0, dependencies='traced'), ALWAYS_OFF",
+    requires=_needs_slowlog_dependencies,
+    default=False,
+)
+def _fastprof_slowlog_traced_unsampled(ctx: SetupContext) -> ASGIApp:
+    import fastprof
+
+    return _production_unsampled(
+        ctx, slow_requests=fastprof.SlowRequestLog(threshold_s=1.0, dependencies="traced")
+    )
+
+
+@variant(
+    "fastprof-all-traced-unsampled",
+    "all three, the slow-request log with dependencies='traced', ALWAYS_OFF",
+    requires=_needs_slowlog_dependencies,
+    default=False,
+)
+def _fastprof_all_traced_unsampled(ctx: SetupContext) -> ASGIApp:
+    import fastprof
+
+    return _production_unsampled(
+        ctx,
+        loop_monitor=fastprof.LoopMonitor(threshold_s=0.1),
+        slow_requests=fastprof.SlowRequestLog(threshold_s=1.0, dependencies="traced"),
+        profiling=fastprof.Profiling(secret=_PROFILING_SECRET),
+    )
 
 
 @variant(

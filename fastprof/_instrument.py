@@ -152,7 +152,10 @@ def instrument(
         dependency_spans = chosen._configured(
             tracer_provider,
             # The slow-request log explains unsampled requests too.
-            timings_when_unsampled=slow_requests is not None or metrics is not None,
+            timings_when_unsampled=(
+                slow_requests is not None and slow_requests.dependencies == "all"
+            )
+            or metrics is not None,
             profiled_requests=profiling is not None and profiling.enabled,
             on_demand=slow_capture is not None or server_timing is not None,
         )

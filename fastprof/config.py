@@ -114,6 +114,7 @@ VARIABLES: Final[tuple[str, ...]] = (
     "FASTPROF_SLOW_REQUESTS_TOP",
     "FASTPROF_SLOW_REQUESTS_LEVEL",
     "FASTPROF_SLOW_REQUESTS_EVENT",
+    "FASTPROF_SLOW_REQUESTS_DEPENDENCIES",
     "FASTPROF_SLOW_CAPTURE",
     "FASTPROF_SLOW_CAPTURE_THRESHOLD_S",
     "FASTPROF_SLOW_CAPTURE_ROUTES",
@@ -527,6 +528,7 @@ _SLOW_NAMES: Final = {
     "top": "FASTPROF_SLOW_REQUESTS_TOP",
     "level": "FASTPROF_SLOW_REQUESTS_LEVEL",
     "event": "FASTPROF_SLOW_REQUESTS_EVENT",
+    "dependencies": "FASTPROF_SLOW_REQUESTS_DEPENDENCIES",
 }
 
 
@@ -546,6 +548,9 @@ def _slow_requests(env: _Env) -> SlowRequestLog | None:
     event = env.text("FASTPROF_SLOW_REQUESTS_EVENT")
     if event is not None:
         kwargs["event"] = event
+    dependencies = env.text("FASTPROF_SLOW_REQUESTS_DEPENDENCIES")
+    if dependencies is not None:
+        kwargs["dependencies"] = dependencies.lower()
     log: SlowRequestLog = _build(SlowRequestLog, env, _SLOW_NAMES, kwargs)
     return log
 

@@ -26,6 +26,13 @@ A request that took ``threshold_s`` or longer produces one structlog event
 
 The timings come from ``RequestState.timings`` (filled by dependency
 instrumentation); without them the line still has the totals.
+
+``dependencies`` says which requests have timings. ``"all"`` (the default): the
+dependencies of every request are timed, sampled or not, so any slow request
+is explained; that is the log's main cost (see docs/performance.md).
+``"traced"``: only requests traced anyway (sampled, profiled, or recorded by
+the slow-request capture) are; another slow request gets the totals, at the
+cost of noting its status and end.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ ENDPOINT_KINDS: Final = frozenset({"endpoint"})
 SERIALIZATION_KINDS: Final = frozenset({"serialization"})
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+Coverage = Literal["all", "traced"]
 
 logger = structlog.get_logger("fastprof.slow_requests")
 
@@ -64,6 +72,9 @@ class SlowRequestLog(RequestHooks):
         top: How many of the slowest timings to list.
         level: structlog level of the line.
         event: The event (message) of the line.
+        dependencies: Which requests get the per-dependency breakdown: ``"all"``
+            (every request's dependencies are timed, sampled or not) or
+            ``"traced"`` (only requests traced anyway; the others get the totals).
     """
 
     order = 300
@@ -75,6 +86,7 @@ class SlowRequestLog(RequestHooks):
         top: int = 5,
         level: LogLevel = "warning",
         event: str = "slow request",
+        dependencies: Coverage = "all",
     ) -> None:
         threshold_s = check_seconds("threshold_s", threshold_s, 0, 86_400)
         check_int("top", top, 0, 64)
@@ -82,10 +94,13 @@ class SlowRequestLog(RequestHooks):
             raise ValueError(f"level: expected a structlog level name, got {level!r}")
         if not isinstance(event, str) or not event:
             raise ValueError("event: expected a non-empty string")
+        if dependencies not in ("all", "traced"):
+            raise ValueError(f"dependencies: expected 'all' or 'traced', got {dependencies!r}")
         self.threshold_s = float(threshold_s)
         self.top = top
         self.level: LogLevel = level
         self.event = event
+        self.dependencies: Coverage = dependencies
 
     def on_request_end(self, state: RequestState) -> None:
         if state.websocket:

@@ -166,6 +166,8 @@ CASES: list[tuple[str, str, Any, Any, str]] = [
     ("FASTPROF_SLOW_REQUESTS_TOP", "2", lambda e: slow(e).top, 2, "100"),
     ("FASTPROF_SLOW_REQUESTS_LEVEL", "ERROR", lambda e: slow(e).level, "error", "loud"),
     ("FASTPROF_SLOW_REQUESTS_EVENT", "slow!", lambda e: slow(e).event, "slow!", ""),
+    ("FASTPROF_SLOW_REQUESTS_DEPENDENCIES", "TRACED", lambda e: slow(e).dependencies, "traced",
+     "some"),
     ("FASTPROF_SLOW_CAPTURE", "true", lambda e: capture(e).threshold_s, 1.0, "nope"),
     ("FASTPROF_SLOW_CAPTURE_THRESHOLD_S", "0.5", lambda e: capture(e).threshold_s, 0.5, "-1"),
     ("FASTPROF_SLOW_CAPTURE_ROUTES", "/search=2, /items/{id}=0.25",

@@ -119,16 +119,13 @@ def test_slow_request_options_are_validated() -> None:
         ({"top": 100}, "top"),
         ({"level": "loud"}, "level"),
         ({"event": ""}, "event"),
+        ({"dependencies": "some"}, "dependencies"),
     ]:
         with pytest.raises(ValueError, match=name):
             fastprof.SlowRequestLog(**kwargs)
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "unsampled"])
-async def test_breakdown_from_real_dependency_instrumentation(spans: Any, sampled: bool) -> None:
-    """With dependency spans on (the default), the log lists the real dependencies,
-    also for requests whose trace is not sampled."""
+def _report_app() -> FastAPI:
     from collections.abc import AsyncIterator
 
     from fastapi import Depends
@@ -148,6 +145,15 @@ async def test_breakdown_from_real_dependency_instrumentation(spans: Any, sample
         time.sleep(0.05)
         return {"db": db, "settings": settings}
 
+    return app
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "unsampled"])
+async def test_breakdown_from_real_dependency_instrumentation(spans: Any, sampled: bool) -> None:
+    """With dependency spans on (the default), the log lists the real dependencies,
+    also for requests whose trace is not sampled."""
+    app = _report_app()
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
@@ -167,3 +173,41 @@ async def test_breakdown_from_real_dependency_instrumentation(spans: Any, sample
     assert line["dependencies"][0]["duration_s"] >= 0.07
     assert line["endpoint_s"] is not None and line["endpoint_s"] >= 0.04
     assert line["serialization_s"] is not None and line["serialization_s"] >= 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "unsampled"])
+async def test_traced_breakdown_times_only_traced_requests(spans: Any, sampled: bool) -> None:
+    """``dependencies="traced"``: a sampled slow request lists its dependencies; an
+    unsampled one is still logged, with its status and totals, and nothing was timed."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    app = _report_app()
+    provider = spans.provider if sampled else TracerProvider(sampler=ALWAYS_OFF)
+    states: list[fastprof.RequestState] = []
+
+    class Keep(fastprof.RequestHooks):
+        def on_request_end(self, state: fastprof.RequestState) -> None:
+            states.append(state)
+
+    fastprof.instrument(
+        app,
+        tracer_provider=provider,
+        hooks=[Keep()],
+        slow_requests=fastprof.SlowRequestLog(threshold_s=0.1, dependencies="traced"),
+    )
+    with capture_logs() as logs:
+        async with client(app) as c:
+            assert (await c.get("/report")).status_code == 200
+    [line] = _slow_logs(logs)
+    assert line["route"] == "/report" and line["status"] == 200
+    assert line["duration_s"] >= 0.15
+    [state] = states
+    if sampled:
+        names = [d["name"] for d in line["dependencies"]]
+        assert names[0].endswith("get_db") and names[1].endswith("get_settings")
+        assert line["endpoint_s"] is not None and line["endpoint_s"] >= 0.04
+    else:
+        assert line["dependencies"] == [] and state.timings == ()
+        assert line["endpoint_s"] is None and line["serialization_s"] is None
