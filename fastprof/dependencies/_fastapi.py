@@ -190,6 +190,67 @@ def _overrides_provider(provider: Any, marked_only: bool) -> _OverridesProvider:
 
 
 
+# --------------------------------------------------------------------------- the pass-through
+
+
+#: Names the generated pass-through uses itself (a parameter with one of them: no pass-through).
+_PASSTHROUGH_NAMES: Final = frozenset({"tracker", "_original", "_active", "_traced"})
+
+
+def _keyword_passthrough(
+    original: Callable[..., Any], traced: Callable[[Tracker, dict[str, Any]], Any]
+) -> Callable[..., Any] | None:
+    """A wrapper of ``original`` with its own keyword-only signature, or ``None``.
+
+    It calls ``original`` with the same arguments when no request is traced, else
+    ``traced(tracker, kwargs)``. Spelling the parameters out (as ``dataclasses``
+    generates ``__init__``) spares every request the ``**kwargs`` dictionary a
+    generic wrapper builds and unpacks: FastAPI passes ``solve_dependencies`` and
+    ``serialize_response`` a dozen keywords, and that round trip cost more than
+    the rest of the wrapper. ``None`` (the caller keeps its generic wrapper) when
+    the signature is not keyword-only or cannot be spelled out.
+    """
+    try:
+        parameters = list(inspect.signature(original).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if not parameters:
+        return None
+    namespace: dict[str, Any] = {"_original": original, "_active": active, "_traced": traced}
+    declared: list[str] = []
+    passed: list[str] = []
+    for parameter in parameters:
+        name = parameter.name
+        if (
+            parameter.kind is not inspect.Parameter.KEYWORD_ONLY
+            or not name.isidentifier()
+            or name in _PASSTHROUGH_NAMES
+            or name.startswith("_default_")
+        ):
+            return None
+        if parameter.default is inspect.Parameter.empty:
+            declared.append(name)
+        else:
+            namespace[f"_default_{name}"] = parameter.default
+            declared.append(f"{name}=_default_{name}")
+        passed.append(f"{name}={name}")
+    arguments = ", ".join(passed)
+    source = (
+        f"def {original.__name__}(*, {', '.join(declared)}):\n"
+        "    tracker = _active.get()\n"
+        "    if tracker is None:\n"
+        f"        return _original({arguments})\n"
+        f"    return _traced(tracker, dict({arguments}))\n"
+    )
+    try:
+        exec(compile(source, f"<fastprof pass-through {original.__name__}>", "exec"), namespace)
+    except SyntaxError:
+        return None
+    wrapper: Callable[..., Any] = functools.wraps(original)(namespace[original.__name__])
+    wrapper.__fastprof__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 # --------------------------------------------------------------------------- the solver hook
 
 
@@ -222,6 +283,10 @@ def _patch(original: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             _internal_errors.report("dependencies.solve_end", exc)
         return result
+
+    fast = _keyword_passthrough(original, lambda tracker, kwargs: traced(tracker, kwargs))
+    if fast is not None:
+        return fast
 
     # A plain function returning the original coroutine: requests fastprof does
     # not trace (or does not sample) pay one ContextVar read and nothing else.
@@ -457,6 +522,10 @@ def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
                 )
             except Exception as exc:
                 _internal_errors.report("dependencies.serialization_end", exc)
+
+    fast = _keyword_passthrough(original, lambda tracker, kwargs: traced(tracker, (), kwargs))
+    if fast is not None:
+        return fast
 
     @functools.wraps(original)
     def serialize_response(*args: Any, **kwargs: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import inspect
 import random
 import threading
 import time
@@ -572,3 +573,46 @@ def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="tracer_provider"):
         fastprof.DependencySpans(tracer_provider=object())  # type: ignore[arg-type]
     assert fastprof.DependencySpans().enabled
+
+
+def test_installed_fastapi_gets_keyword_pass_throughs() -> None:
+    """On the installed FastAPI the solver and serialization hooks are generated with
+    FastAPI's own keyword-only signatures (no ``**kwargs`` round trip per request)."""
+    import fastapi.dependencies.utils as utils
+    import fastapi.routing as routing
+
+    assert _fastapi.install()
+    for hook in (utils.solve_dependencies, routing.serialize_response):
+        assert hook.__code__.co_filename.startswith("<fastprof pass-through")
+        assert inspect.signature(hook) == inspect.signature(hook.__wrapped__)
+
+
+async def test_keyword_pass_through_forwards_or_traces() -> None:
+    seen: list[Any] = []
+
+    async def original(*, a: int, b: object = _tracker, c: str = "c") -> tuple[int, object, str]:
+        return a, b, c
+
+    def traced(tracker: Any, kwargs: dict[str, Any]) -> Any:
+        seen.append((tracker, kwargs))
+        return original(**kwargs)
+
+    wrapper = _fastapi._keyword_passthrough(original, traced)
+    assert wrapper is not None and wrapper.__wrapped__ is original  # type: ignore[attr-defined]
+    assert await wrapper(a=1) == (1, _tracker, "c")  # defaults are the original's objects
+    assert seen == []
+    token = _tracker.active.set("tracker")  # type: ignore[arg-type]
+    try:
+        assert await wrapper(a=2, c="x") == (2, _tracker, "x")
+    finally:
+        _tracker.active.reset(token)
+    assert seen == [("tracker", {"a": 2, "b": _tracker, "c": "x"})]
+    with pytest.raises(TypeError):
+        wrapper(1)  # keyword-only, as the original
+
+    async def positional(a: int, *, b: int) -> None: ...
+
+    async def named_like_ours(*, tracker: int) -> None: ...
+
+    for unsupported in (positional, named_like_ours):
+        assert _fastapi._keyword_passthrough(unsupported, traced) is None
