@@ -284,7 +284,7 @@ def _patch(original: Callable[..., Any]) -> Callable[..., Any]:
             _internal_errors.report("dependencies.solve_end", exc)
         return result
 
-    fast = _keyword_passthrough(original, lambda tracker, kwargs: traced(tracker, kwargs))
+    fast = _keyword_passthrough(original, traced)
     if fast is not None:
         return fast
 
@@ -483,7 +483,7 @@ def _patch_endpoint(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
-    async def traced(tracker: Tracker, args: Any, kwargs: Any) -> Any:
+    async def traced(tracker: Tracker, kwargs: Any, args: Any = ()) -> Any:
         span: Span | Record | None = None
         started = time.perf_counter_ns()
         if tracker.phases or tracker.records is not None:
@@ -523,7 +523,7 @@ def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as exc:
                 _internal_errors.report("dependencies.serialization_end", exc)
 
-    fast = _keyword_passthrough(original, lambda tracker, kwargs: traced(tracker, (), kwargs))
+    fast = _keyword_passthrough(original, traced)
     if fast is not None:
         return fast
 
@@ -532,7 +532,7 @@ def _patch_serialize(original: Callable[..., Any]) -> Callable[..., Any]:
         tracker = active.get()
         if tracker is None:
             return original(*args, **kwargs)
-        return traced(tracker, args, kwargs)
+        return traced(tracker, kwargs, args)
 
     serialize_response.__fastprof__ = True  # type: ignore[attr-defined]
     return serialize_response
