@@ -76,7 +76,10 @@ class RequestHooks:
         middleware's lean path (no hooks, ``send``/``receive`` untouched). Keep it
         cheap: it runs for every unsampled request. A hook that does not override
         it wants every unsampled request (unless :attr:`unsampled_requests` is
-        ``False``). Profiling, for example, wants only requests that carry a token.
+        ``False``). Profiling, for example, wants only requests that carry a token;
+        the loop monitor none once it watches the loop (it finds a blocking request
+        on the loop thread's stack). When another hook wants the request, every
+        hook's phases run for it.
         """
         return True
 
