@@ -68,6 +68,12 @@ class RequestHooks:
     #: middleware then never calls it. Read once when the middleware is built.
     enabled: bool = True
 
+    #: ``True`` when :meth:`wants_unsampled` is exact: this hook does nothing for an
+    #: unsampled request it declines, so its phases are skipped for that request even
+    #: when another hook wants it (profiling without a token). Read once when the
+    #: middleware is built.
+    skip_when_unwanted: ClassVar[bool] = False
+
     def wants_unsampled(self, scope: Scope) -> bool:
         """Whether this hook needs this unsampled request (one whose span does not record).
 
@@ -79,7 +85,8 @@ class RequestHooks:
         ``False``). Profiling, for example, wants only requests that carry a token;
         the loop monitor none once it watches the loop (it finds a blocking request
         on the loop thread's stack). When another hook wants the request, every
-        hook's phases run for it.
+        hook's phases run for it, except those of a hook that declined it and sets
+        :attr:`skip_when_unwanted`.
         """
         return True
 
@@ -147,13 +154,17 @@ class HookSet:
         "end",
         "exit",
         "gates",
+        "hooks",
         "operation",
         "response",
+        "skippable",
         "start",
+        "without",
         "worker",
     )
 
     def __init__(self, hooks: tuple[RequestHooks, ...]) -> None:
+        self.hooks = hooks
         #: ``wants_unsampled`` of every hook, or ``None`` when a hook wants every
         #: unsampled request (it does not override the method).
         gated = _implementing(hooks, "wants_unsampled")
@@ -176,6 +187,47 @@ class HookSet:
             or self.end
             or self.exit
         )
+        #: The hooks whose phases are skipped for a request they decline
+        #: (:attr:`RequestHooks.skip_when_unwanted`), and the sets without them:
+        #: ``without[mask]`` leaves out ``skippable[i]`` when bit ``i`` is set.
+        self.skippable: tuple[RequestHooks, ...] = ()
+        self.without: tuple[HookSet, ...] = ()
+
+    def with_skippable(self) -> HookSet:
+        """This set, able to leave out the hooks that skip requests they decline (at most
+        four: the sets without each combination are made once, here)."""
+        skippable = tuple(
+            h for h in _implementing(self.hooks, "wants_unsampled") if h.skip_when_unwanted
+        )[:4]
+        if skippable:
+            self.skippable = skippable
+            self.without = tuple(
+                HookSet(
+                    tuple(
+                        h
+                        for h in self.hooks
+                        if not any(
+                            mask & (1 << i) and h is skipped for i, skipped in enumerate(skippable)
+                        )
+                    )
+                )
+                for mask in range(1 << len(skippable))
+            )
+        return self
+
+    def for_request(self, scope: Scope) -> HookSet:
+        """The hooks to run for an unsampled request: all, less the skippable ones that
+        decline it (a failing check counts as wanting it)."""
+        mask = 0
+        for i, hook in enumerate(self.skippable):
+            try:
+                wanted = hook.wants_unsampled(scope)
+            except Exception as exc:
+                _internal_errors.report("hook.wants_unsampled", exc)
+                wanted = True
+            if not wanted:
+                mask |= 1 << i
+        return self.without[mask] if mask else self
 
 
 def _implementing(hooks: tuple[RequestHooks, ...], method: str) -> tuple[RequestHooks, ...]:

@@ -86,6 +86,8 @@ def start_request(
                     attach_context(context_with_span(span, parent)),
                 )
             hooks = settings.unsampled_hooks
+            if hooks.skippable:
+                hooks = hooks.for_request(scope)
             if hooks.worker:
                 state._worker_hooks = hooks.worker
             if hooks.operation:
@@ -179,6 +181,8 @@ def enter(
         state.span.set_attributes(attrs)
     else:
         hooks = settings.unsampled_hooks
+        if hooks.skippable:
+            hooks = hooks.for_request(scope)
     if hooks.worker:
         state._worker_hooks = hooks.worker
     if hooks.operation:

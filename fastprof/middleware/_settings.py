@@ -92,7 +92,9 @@ class Settings:
             raise ValueError("redact_query_keys: expected a list of query parameter names")
         enabled = tuple(h for h in ordered(hooks) if h.enabled)
         sampled = HookSet(enabled)
-        unsampled = HookSet(tuple(h for h in enabled if getattr(h, "unsampled_requests", True)))
+        unsampled = HookSet(
+            tuple(h for h in enabled if getattr(h, "unsampled_requests", True))
+        ).with_skippable()
         fast = drop_fast_path(tracer)
         lean = unsampled.empty and response_id_key is None
         gates = None if lean or response_id_key is not None else unsampled.gates

@@ -128,6 +128,9 @@ class Profiling(RequestHooks):
 
     order = -100  # decides first: the other components read state.profile_id
     _never_raises = True  # run_in_worker: ProfileCapture.worker_hook contains its failures
+    # wants_unsampled is exact: no token (and no sample rate) means no profile, so an
+    # unsampled request another component wants does not run these hooks at all.
+    skip_when_unwanted = True
 
     def __init__(
         self,

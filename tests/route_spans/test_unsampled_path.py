@@ -361,3 +361,38 @@ async def test_loop_monitor_keeps_unsampled_requests_lean() -> None:
         assert received[1][0] is receive and received[1][1] is send  # then: lean
     finally:
         monitor.stop()
+
+
+async def test_profiling_hooks_skip_unsampled_requests_without_a_token() -> None:
+    """Another component wants every unsampled request (the slow-request log): profiling's
+    hooks still run only for the ones it could profile (those with a token)."""
+    starts: list[str | None] = []
+
+    class Counted(fastprof.Profiling):
+        def on_request_start(self, state: fastprof.RequestState, scope: Any) -> None:
+            super().on_request_start(state, scope)
+            starts.append(state.profile_id)
+
+    async def raw_app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    secret = "s" * 32
+    profiling = Counted(secret=secret)
+    slow = fastprof.SlowRequestLog(threshold_s=10.0)
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    app = fastprof.FastprofMiddleware(raw_app, tracer_provider=provider, hooks=[profiling, slow])
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await app({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send)
+    assert starts == []  # no token: profiling's phases did not run at all
+    token = fastprof.profiling.mint_token(secret).encode()
+    headers = [(b"x-fastprof-profile", token)]
+    await app({"type": "http", "method": "GET", "path": "/", "headers": headers}, receive, send)
+    assert len(starts) == 1 and starts[0] is not None  # with one: profiled
+    assert profiling.flush(10)
