@@ -64,8 +64,19 @@ def everything() -> dict[str, Any]:
     }
 
 
+def production_options() -> dict[str, Any]:
+    """The production configuration: every feature on, profiling never triggered (no
+    token, no sample rate), every request logged as slow (the ``UnsampledRequest`` shape
+    when nothing is sampled)."""
+    return {
+        "profiling": fastprof.Profiling(secret="transparency-secret-" + "x" * 32),
+        "loop_monitor": fastprof.LoopMonitor(threshold_s=0.1),
+        "slow_requests": fastprof.SlowRequestLog(threshold_s=0.0, level="debug"),
+    }
+
+
 def make_fastapi(
-    native: bool = False, features: bool = False, sampled: bool = True
+    native: bool = False, features: bool = False, sampled: bool = True, production: bool = False
 ) -> tuple[Callable[[bool], Any], dict[bool, list[str]]]:
     """An app factory covering the transparency matrix, plus its side-effect logs."""
     effects: dict[bool, list[str]] = {False: [], True: []}
@@ -177,7 +188,7 @@ def make_fastapi(
             await websocket.close(code=4001)
 
         if instrumented:
-            extra = everything() if features else {}
+            extra = everything() if features else production_options() if production else {}
             fastprof.instrument(app, tracer_provider=_provider(sampled), **extra)
         return app
 
@@ -211,6 +222,8 @@ CONFIGS = {
     # Nothing sampled and no component needing unsampled requests: the lean path.
     "unsampled": {"native": False, "sampled": False},
     "unsampled-all-features": {"native": False, "features": True, "sampled": False},
+    # Production: nothing sampled, the slow-request log follows every request.
+    "unsampled-production": {"native": False, "production": True, "sampled": False},
 }
 
 
