@@ -106,7 +106,7 @@ class FastprofMiddleware:
         if type(request) is UnsampledRequest:
             # An unsampled request some hook wants: hooks, and no span work.
             try:
-                await self.app(scope, receive, request.bind(send))
+                await self.app(scope, receive, request.bind(scope, send))
             except BaseException as exc:
                 request.complete(exc)
                 raise

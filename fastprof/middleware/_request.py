@@ -131,7 +131,7 @@ def _unsampled(
     its shape (a traced one when the slow-request capture records it)."""
     start_phase(hooks, state, scope)
     if state._capture is None:
-        return UnsampledRequest(settings, state, hooks, state_token, context_token)
+        return UnsampledRequest(settings, state, hooks, owned, state_token, context_token)
     traced = TracedRequest(
         settings,
         state,
@@ -242,6 +242,17 @@ def start_phase(hooks: HookSet, state: RequestState, scope: Scope) -> None:
             _internal_errors.report("hook.on_request_start", exc)
 
 
+def last_message(message_type: str, message: Message, trailers: bool) -> bool:
+    """Whether ``message`` (any but ``http.response.start``) is the response's last:
+    the body without ``more_body`` (unless trailers follow), the last trailers, or a
+    ``pathsend``."""
+    if message_type == "http.response.body":
+        return not message.get("more_body", False) and not trailers
+    if message_type == "http.response.trailers":
+        return not message.get("more_trailers", False)
+    return message_type == "http.response.pathsend"
+
+
 class LeanRequest:
     """What a traced request undoes when it ends; all there is to an unsampled
     request that no hook needs."""
@@ -315,6 +326,21 @@ class HookedRequest(LeanRequest):
     def _annotate_end(self, scope: Scope, error: BaseException | None) -> None:
         """Record what is known at the end on the span (or its capture record)."""
 
+    def _response_hooks(self, message: Message) -> None:
+        """``http.response.start`` is about to leave: the response request-id header,
+        then ``on_response_start``."""
+        state = self.state
+        response_header = self._settings.response_request_id_header
+        if response_header is not None:
+            headers = list(message.get("headers", []))
+            headers.append((response_header, state.request_id.encode("latin-1")))
+            message["headers"] = headers
+        for hook in self._hooks.response:
+            try:
+                hook.on_response_start(state, message)
+            except Exception as exc:
+                _internal_errors.report("hook.on_response_start", exc)
+
     def _exit_phase(self, scope: Scope) -> None:
         """``on_app_exit``, then leave the request and release what it held."""
         state = self.state
@@ -327,7 +353,7 @@ class HookedRequest(LeanRequest):
         state._release()
 
 
-class UnsampledRequest(LeanRequest):
+class UnsampledRequest(HookedRequest):
     """An unsampled request some hook wants: the hooks' phases, and nothing a span needs.
 
     Its ``send`` wrapper notes the status and runs the end phases before the
@@ -335,29 +361,27 @@ class UnsampledRequest(LeanRequest):
     first byte, disconnect or annotation (its span does not record). Its start
     phase ran in :func:`start_request`; the middleware drives the rest (the
     application with :meth:`bind`'s ``send``, then :meth:`complete` and
-    :meth:`exit`), without a coroutine of its own: the fewest calls per request.
+    :meth:`exit`), without a coroutine of its own.
     """
 
-    __slots__ = ("_finished", "_hooks", "_send", "_settings", "_trailers")
+    __slots__ = ("_finished", "_scope", "_send", "_trailers")
 
     def __init__(
         self,
         settings: Settings,
         state: RequestState,
         hooks: HookSet,
+        owned: bool,
         state_token: Token[Any],
         context_token: Token[Any] | None,
     ) -> None:
-        self.state = state
-        self._state_token = state_token
-        self._context_token = context_token
-        self._settings = settings
-        self._hooks = hooks
+        super().__init__(settings, state, hooks, owned, False, state_token, context_token)
         self._finished = False
         self._trailers = False
 
-    def bind(self, send: Send) -> Send:
+    def bind(self, scope: Scope, send: Send) -> Send:
         """The ``send`` to give the application."""
+        self._scope = scope
         self._send = send
         return self.send
 
@@ -367,69 +391,27 @@ class UnsampledRequest(LeanRequest):
             self.state.status_code = message.get("status")
             self._trailers = bool(message.get("trailers", False))
             if self._hooks.response or self._settings.response_request_id_header is not None:
-                self._response_start(message)
-        elif (
-            (
-                message_type == "http.response.body"
-                and not message.get("more_body", False)
-                and not self._trailers
-            )
-            or (message_type == "http.response.trailers" and not message.get("more_trailers"))
-            or message_type == "http.response.pathsend"
-        ):
+                try:
+                    self._response_hooks(message)
+                except Exception as exc:
+                    _internal_errors.report("response_start", exc)
+        elif last_message(message_type, message, self._trailers):
             # Hooks see the request before the last message leaves.
             self.complete(None)
         await self._send(message)
 
-    def _response_start(self, message: Message) -> None:
-        state = self.state
-        response_header = self._settings.response_request_id_header
-        if response_header is not None:
-            try:
-                headers = list(message.get("headers", []))
-                headers.append((response_header, state.request_id.encode("latin-1")))
-                message["headers"] = headers
-            except Exception as exc:
-                _internal_errors.report("response_start", exc)
-        for hook in self._hooks.response:
-            try:
-                hook.on_response_start(state, message)
-            except Exception as exc:
-                _internal_errors.report("hook.on_response_start", exc)
-
     def complete(self, error: BaseException | None) -> None:
-        """The response is complete, or the application failed: the end phases, once
-        (``on_response_complete``, the route made final, ``on_request_end``)."""
-        if self._finished:
-            return
-        self._finished = True
-        state = self.state
-        hooks = self._hooks
-        for hook in hooks.complete:
-            try:
-                hook.on_response_complete(state)
-            except Exception as exc:
-                _internal_errors.report("hook.on_response_complete", exc)
-        state._route_final = True
-        for hook in hooks.end:
-            try:
-                hook.on_request_end(state)
-            except Exception as exc:
-                _internal_errors.report("hook.on_request_end", exc)
+        """The response is complete, or the application failed: the end phases, once."""
+        if not self._finished:
+            self._finished = True
+            self._end_phases(self._scope, error)
 
     def exit(self, scope: Scope) -> None:
-        """The application returned or raised: ``on_app_exit``, then leave the request
-        and release what it held."""
+        """The application returned or raised: the end phases if not yet, then
+        ``on_app_exit``, leave the request and release what it held."""
         if not self._finished:
             self.complete(None)
-        state = self.state
-        for hook in self._hooks.exit:
-            try:
-                hook.on_app_exit(state)
-            except Exception as exc:
-                _internal_errors.report("hook.on_app_exit", exc)
-        self.leave(scope)
-        state._release()
+        self._exit_phase(scope)
 
 
 class TracedRequest(HookedRequest):
@@ -510,19 +492,14 @@ class TracedRequest(HookedRequest):
 
     async def _wrapped_send(self, message: Message) -> None:
         message_type = message["type"]
-        final = False
         if message_type == "http.response.start":
             try:
                 self._on_response_start(message)
             except Exception as exc:
                 _internal_errors.report("response_start", exc)
-        elif message_type == "http.response.body":
-            final = not message.get("more_body", False) and not self._trailers
-        elif message_type == "http.response.trailers":
-            final = not message.get("more_trailers", False)
-        elif message_type == "http.response.pathsend":
-            final = True
-        if not final:
+            await self._send(message)
+            return
+        if not last_message(message_type, message, self._trailers):
             await self._send(message)
             return
         # Hooks see the span before the last message leaves: an outer layer
@@ -535,21 +512,12 @@ class TracedRequest(HookedRequest):
             self._end_span()
 
     def _on_response_start(self, message: Message) -> None:
-        state = self.state
-        response_header = self._settings.response_request_id_header
         self._response_started = True
         self._trailers = bool(message.get("trailers", False))
+        state = self.state
         state.status_code = message.get("status")
         self._ttfb_s = state.elapsed_s()
-        if response_header is not None:
-            headers = list(message.get("headers", []))
-            headers.append((response_header, state.request_id.encode("latin-1")))
-            message["headers"] = headers
-        for hook in self._hooks.response:
-            try:
-                hook.on_response_start(state, message)
-            except Exception as exc:
-                _internal_errors.report("hook.on_response_start", exc)
+        self._response_hooks(message)
 
     def _complete(self, scope: Scope, error: BaseException | None) -> None:
         """Resolve the route, annotate the span and run ``on_request_end`` hooks, once."""
