@@ -16,6 +16,7 @@ from fastapi import BackgroundTasks, FastAPI
 from structlog.testing import capture_logs
 
 import fastprof
+from tests._server import serve
 
 
 @pytest.mark.server
@@ -96,25 +97,13 @@ def test_unsampled_request_blocks_are_attributed_from_the_stack(make_monitor: An
         tracer_provider=TracerProvider(sampler=ParentBased(ALWAYS_OFF)),
         loop_monitor=monitor,
     )
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, loop="uvloop", lifespan="on", log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
     with capture_logs() as logs:
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+        with serve(app, loop="uvloop", lifespan="on") as base, httpx.Client(
+            base_url=base, timeout=5
+        ) as http:
             response = http.get("/block/3", headers={"x-request-id": "unsampled-3"})
             assert response.status_code == 200
             time.sleep(0.4)  # the background task's block and the heartbeat after it
-        server.should_exit = True
-        thread.join(10)
-    assert not thread.is_alive()
 
     request, background = blocked_logs(logs)
     assert request["in_request"] is True
