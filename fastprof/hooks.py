@@ -163,7 +163,10 @@ class HookSet:
         "worker",
     )
 
-    def __init__(self, hooks: tuple[RequestHooks, ...]) -> None:
+    def __init__(self, hooks: tuple[RequestHooks, ...], *, skip_unwanted: bool = False) -> None:
+        """``skip_unwanted``: the set serves unsampled requests, and leaves out of each
+        the hooks that decline it with :attr:`RequestHooks.skip_when_unwanted` (see
+        :meth:`for_request`)."""
         self.hooks = hooks
         #: ``wants_unsampled`` of every hook, or ``None`` when a hook wants every
         #: unsampled request (it does not override the method).
@@ -187,33 +190,24 @@ class HookSet:
             or self.end
             or self.exit
         )
-        #: The hooks whose phases are skipped for a request they decline
-        #: (:attr:`RequestHooks.skip_when_unwanted`), and the sets without them:
-        #: ``without[mask]`` leaves out ``skippable[i]`` when bit ``i`` is set.
+        #: The hooks whose phases are skipped for a request they decline (at most
+        #: four), and the sets without them, made once here: ``without[mask]``
+        #: leaves out ``skippable[i]`` when bit ``i`` of ``mask`` is set.
         self.skippable: tuple[RequestHooks, ...] = ()
         self.without: tuple[HookSet, ...] = ()
-
-    def with_skippable(self) -> HookSet:
-        """This set, able to leave out the hooks that skip requests they decline (at most
-        four: the sets without each combination are made once, here)."""
-        skippable = tuple(
-            h for h in _implementing(self.hooks, "wants_unsampled") if h.skip_when_unwanted
-        )[:4]
-        if skippable:
-            self.skippable = skippable
+        if skip_unwanted:
+            gated = _implementing(hooks, "wants_unsampled")
+            self.skippable = tuple(h for h in gated if h.skip_when_unwanted)[:4]
             self.without = tuple(
                 HookSet(
                     tuple(
                         h
-                        for h in self.hooks
-                        if not any(
-                            mask & (1 << i) and h is skipped for i, skipped in enumerate(skippable)
-                        )
+                        for h in hooks
+                        if not any(mask >> i & 1 and h is s for i, s in enumerate(self.skippable))
                     )
                 )
-                for mask in range(1 << len(skippable))
+                for mask in range(1 << len(self.skippable))
             )
-        return self
 
     def for_request(self, scope: Scope) -> HookSet:
         """The hooks to run for an unsampled request: all, less the skippable ones that

@@ -93,8 +93,9 @@ class Settings:
         enabled = tuple(h for h in ordered(hooks) if h.enabled)
         sampled = HookSet(enabled)
         unsampled = HookSet(
-            tuple(h for h in enabled if getattr(h, "unsampled_requests", True))
-        ).with_skippable()
+            tuple(h for h in enabled if getattr(h, "unsampled_requests", True)),
+            skip_unwanted=True,
+        )
         fast = drop_fast_path(tracer)
         lean = unsampled.empty and response_id_key is None
         gates = None if lean or response_id_key is not None else unsampled.gates
