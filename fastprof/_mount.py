@@ -1,4 +1,5 @@
-"""Mount an operator page (profile viewer, dashboard) without revealing that it exists.
+"""Operator pages (profile viewer, dashboard): mount one without revealing that it
+exists, and answer with the headers every such page sends (:func:`send_page`).
 
 ``app.mount("/_fastprof/profiles", viewer)`` leaves ``GET /_fastprof/profiles``
 (no trailing slash) to the router, which answers it with a redirect to the
@@ -16,7 +17,7 @@ from typing import Any, Final
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["NOT_FOUND_KEY", "mount_hidden", "not_found"]
+__all__ = ["NOT_FOUND_KEY", "mount_hidden", "not_found", "send_page"]
 
 NOT_FOUND_KEY: Final = "fastprof.not_found"
 
@@ -73,4 +74,29 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
             ],
         }
     )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_page(
+    send: Send,
+    status: int,
+    body: bytes,
+    media: str,
+    csp: str | None,
+    disposition: str | None = None,
+) -> None:
+    """Answer with ``body``: never cached, no MIME sniffing, no referrer, and the
+    page's content security policy (``csp``) and ``Content-Disposition`` if given."""
+    headers = [
+        (b"content-type", media.encode("latin-1")),
+        (b"content-length", str(len(body)).encode("latin-1")),
+        (b"cache-control", b"no-store"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+    ]
+    if csp is not None:
+        headers.append((b"content-security-policy", csp.encode("latin-1")))
+    if disposition is not None:
+        headers.append((b"content-disposition", disposition.encode("latin-1")))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from fastprof import _internal_errors
 from fastprof._http import find_header
-from fastprof._mount import mount_hidden, not_found
+from fastprof._mount import mount_hidden, not_found, send_page
 from fastprof._options import check_int, check_seconds
 from fastprof.dashboard import _pages
 from fastprof.dashboard._recorder import Recorder
@@ -309,14 +309,14 @@ class Dashboard:
                 body = await self._run(
                     lambda: _pages.requests_page(store.recent(query), query, store.routes(), base)
                 )
-                await _send(send, 200, body, "text/html; charset=utf-8", _PAGE_CSP)
+                await send_page(send, 200, body, "text/html; charset=utf-8", _PAGE_CSP)
                 return
             if path.startswith("/requests/"):
                 key = path[len("/requests/") :]
                 page = await self._run(lambda: self._request_page(key, base))
                 if page is None:
                     raise _Refused
-                await _send(send, 200, page, "text/html; charset=utf-8", _PAGE_CSP)
+                await send_page(send, 200, page, "text/html; charset=utf-8", _PAGE_CSP)
                 return
             if path.startswith("/profiles/") and self.profiles is not None:
                 profile_id = path[len("/profiles/") :]
@@ -326,12 +326,12 @@ class Dashboard:
                 body_or_none = await self._run(lambda: _render_profile(profiles, profile_id))
                 if body_or_none is None:
                     raise _Refused
-                await _send(send, 200, body_or_none, "text/html; charset=utf-8", _FLAME_CSP)
+                await send_page(send, 200, body_or_none, "text/html; charset=utf-8", _FLAME_CSP)
                 return
             if path == "/route" and "route" in params:
                 route = params["route"]
                 body = await self._run(lambda: self._route_page(route, base))
-                await _send(send, 200, body, "text/html; charset=utf-8", _PAGE_CSP)
+                await send_page(send, 200, body, "text/html; charset=utf-8", _PAGE_CSP)
                 return
             if path == "/route/flame" and "route" in params and self.profiles is not None:
                 route = params["route"]
@@ -341,13 +341,13 @@ class Dashboard:
                 flame = await self._run(lambda: self._aggregate(route, part))
                 if flame is None:
                     raise _Refused
-                await _send(send, 200, flame, "text/html; charset=utf-8", _FLAME_CSP)
+                await send_page(send, 200, flame, "text/html; charset=utf-8", _FLAME_CSP)
                 return
         except _Refused:
             raise
         except Exception as exc:
             _internal_errors.report("dashboard.page", exc)
-            await _send(send, 500, b"Internal Server Error", "text/plain; charset=utf-8", None)
+            await send_page(send, 500, b"Internal Server Error", "text/plain; charset=utf-8", None)
             return
         raise _Refused
 
@@ -457,15 +457,3 @@ def _filter(params: dict[str, str]) -> RequestFilter:
     return RequestFilter(route=route, min_duration_s=min_duration, status=status, flags=flags)
 
 
-async def _send(send: Send, status: int, body: bytes, media: str, csp: str | None) -> None:
-    headers = [
-        (b"content-type", media.encode("latin-1")),
-        (b"content-length", str(len(body)).encode("latin-1")),
-        (b"cache-control", b"no-store"),
-        (b"x-content-type-options", b"nosniff"),
-        (b"referrer-policy", b"no-referrer"),
-    ]
-    if csp is not None:
-        headers.append((b"content-security-policy", csp.encode("latin-1")))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

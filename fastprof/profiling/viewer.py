@@ -32,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from fastprof import _internal_errors
 from fastprof._http import find_header
-from fastprof._mount import mount_hidden, not_found
+from fastprof._mount import mount_hidden, not_found, send_page
 from fastprof.profiling import _documents
 from fastprof.profiling._tokens import viewer_token
 from fastprof.profiling.stores import ProfileStore, valid_profile_id
@@ -122,9 +122,9 @@ def viewer_app(
                 metas = await run(lambda: store.list(list_limit))
                 if fmt == "json":
                     body = json.dumps([m.to_dict() for m in metas]).encode("utf-8")
-                    await _send(send, 200, body, "application/json", None)
+                    await send_page(send, 200, body, "application/json", None)
                 else:
-                    await _send(
+                    await send_page(
                         send, 200, _listing(metas, root_path), "text/html; charset=utf-8", _LIST_CSP
                     )
                 return
@@ -139,11 +139,11 @@ def viewer_app(
             body = await run(lambda: _documents.render(document, fmt))
         except Exception as exc:
             _internal_errors.report("viewer", exc)
-            await _send(send, 500, b"Internal Server Error", "text/plain; charset=utf-8", None)
+            await send_page(send, 500, b"Internal Server Error", "text/plain; charset=utf-8", None)
             return
         media, ext = _documents.MEDIA[fmt]
         disposition = None if fmt == "html" else f'attachment; filename="{profile_id}.{ext}"'
-        await _send(send, 200, body, media, _HTML_CSP if fmt == "html" else None, disposition)
+        await send_page(send, 200, body, media, _HTML_CSP if fmt == "html" else None, disposition)
 
     return app
 
@@ -157,29 +157,6 @@ def mount_viewer(app: Any, viewer: Any, path: str = "/_fastprof/profiles") -> No
     refusals the application's own "not found" response.
     """
     mount_hidden(app, path, viewer)
-
-
-async def _send(
-    send: Send,
-    status: int,
-    body: bytes,
-    media: str,
-    csp: str | None,
-    disposition: str | None = None,
-) -> None:
-    headers = [
-        (b"content-type", media.encode("latin-1")),
-        (b"content-length", str(len(body)).encode("latin-1")),
-        (b"cache-control", b"no-store"),
-        (b"x-content-type-options", b"nosniff"),
-        (b"referrer-policy", b"no-referrer"),
-    ]
-    if csp is not None:
-        headers.append((b"content-security-policy", csp.encode("latin-1")))
-    if disposition is not None:
-        headers.append((b"content-disposition", disposition.encode("latin-1")))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _listing(metas: list[Any], base: str) -> bytes:
