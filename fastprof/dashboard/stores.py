@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final, Protocol, runtime_checkable
 
+from fastprof._bounded import evict_oldest
 from fastprof._options import check_int, check_seconds
 from fastprof.dashboard._records import RequestRecord, valid_request_key
 from fastprof.profiling.stores import ProfileMeta, valid_profile_id
@@ -146,19 +147,14 @@ class MemoryRequestStore:
             self._prune_locked()
 
     def _prune_locked(self) -> None:
-        deadline = self._clock() - self.ttl_s
-        items = self._items
-        while items:
-            oldest = next(iter(items.values()))
-            if (
-                len(items) > self.max_count
-                or self._bytes > self.max_bytes
-                or oldest.start < deadline
-            ):
-                items.popitem(last=False)
-                self._bytes -= oldest.size
-            else:
-                break
+        self._bytes = evict_oldest(
+            self._items,
+            self._bytes,
+            max_count=self.max_count,
+            max_bytes=self.max_bytes,
+            deadline=self._clock() - self.ttl_s,
+            measure=lambda record: (record.size, record.start),
+        )
 
     def recent(self, query: RequestFilter) -> list[RequestRecord]:
         with self._lock:

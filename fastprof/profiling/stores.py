@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol, runtime_checkable
 
 from fastprof import _internal_errors
+from fastprof._bounded import evict_oldest
 from fastprof._options import check_int, check_seconds
 from fastprof.profiling._tokens import NONCE_RE
 
@@ -191,19 +192,14 @@ class MemoryStore:
             self._prune_locked()
 
     def _prune_locked(self) -> None:
-        deadline = self._clock() - self.ttl_s
-        items = self._items
-        while items:
-            meta, _, size = next(iter(items.values()))
-            if (
-                len(items) > self.max_count
-                or self._bytes > self.max_bytes
-                or meta.created < deadline
-            ):
-                items.popitem(last=False)
-                self._bytes -= size
-            else:
-                break
+        self._bytes = evict_oldest(
+            self._items,
+            self._bytes,
+            max_count=self.max_count,
+            max_bytes=self.max_bytes,
+            deadline=self._clock() - self.ttl_s,
+            measure=lambda entry: (entry[2], entry[0].created),
+        )
 
     def get(self, profile_id: str) -> bytes | None:
         if not valid_profile_id(profile_id):
