@@ -133,9 +133,14 @@ async def test_cpu_bound_endpoint_is_attributed_to_its_line(spans: Any, make_mon
     attrs = events[0].attributes
     assert attrs["code.file.path"] == __file__
     assert attrs["code.line.number"] == line_of("# BLOCK-CPU", __file__)
-    for span in spans.server():
-        if span.attributes["http.route"] == "/polite":
-            assert blocked_events(span) == []
+    # The /polite request in flight during the block was merely waiting: nothing on it.
+    # (The first /polite, a fresh app's warm-up, may itself block the loop on a slow machine:
+    # that one is rightly charged, so only the concurrent one is checked.)
+    waiting = max(
+        (s for s in spans.server() if s.attributes["http.route"] == "/polite"),
+        key=lambda s: s.start_time,
+    )
+    assert blocked_events(waiting) == []
 
 
 @pytest.mark.anyio
