@@ -63,6 +63,9 @@ class RequestState:
     _id_headers: Any = None
     _id_header_name: bytes | None = None
     status_code: int | None = None
+    #: ``time.perf_counter_ns()`` when the response's last message left, when noted
+    #: (``0`` until then): :meth:`elapsed_s` stops there.
+    end_ns: int = 0
     #: ``True`` for a websocket session (its state lives until the session ends).
     websocket: bool = False
     #: Bounded by :data:`MAX_TIMINGS`; append with :meth:`add_timing`.
@@ -227,8 +230,8 @@ class RequestState:
         self._capture = None
 
     def elapsed_s(self) -> float:
-        """Seconds since the request started."""
-        return (time.perf_counter_ns() - self.start_ns) / 1e9
+        """Seconds since the request started (until :attr:`end_ns`, once set)."""
+        return ((self.end_ns or time.perf_counter_ns()) - self.start_ns) / 1e9
 
 
 current_request: ContextVar[RequestState | None] = ContextVar(

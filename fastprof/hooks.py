@@ -68,6 +68,16 @@ class RequestHooks:
     #: middleware then never calls it. Read once when the middleware is built.
     enabled: bool = True
 
+    #: Set (seconds) when all the hook needs of an unsampled request is
+    #: :meth:`on_request_end`, and only if the request took at least this long
+    #: (the slow-request log with ``dependencies="traced"``). Such a hook does not
+    #: make unsampled requests leave the lean path: fastprof notes their status
+    #: and end with one ``send`` wrapper and calls :meth:`on_request_end` of the
+    #: slow ones, with :attr:`~fastprof.RequestState.route` and the duration
+    #: known. Its other phases run only for requests another hook wants. Read once
+    #: when the middleware is built.
+    unsampled_end_threshold_s: float | None = None
+
     #: ``True`` when :meth:`wants_unsampled` is exact: this hook does nothing for an
     #: unsampled request it declines, so its phases are skipped for that request even
     #: when another hook wants it (profiling without a token). Read once when the
@@ -159,6 +169,8 @@ class HookSet:
         "response",
         "skippable",
         "start",
+        "watch_ns",
+        "watchers",
         "without",
         "worker",
     )
@@ -168,12 +180,19 @@ class HookSet:
         the hooks that decline it with :attr:`RequestHooks.skip_when_unwanted` (see
         :meth:`for_request`)."""
         self.hooks = hooks
-        #: ``wants_unsampled`` of every hook, or ``None`` when a hook wants every
-        #: unsampled request (it does not override the method).
-        gated = _implementing(hooks, "wants_unsampled")
-        self.gates = (
-            tuple(h.wants_unsampled for h in gated) if len(gated) == len(hooks) else None
+        #: The hooks that need an unsampled request only if it was slow
+        #: (:attr:`RequestHooks.unsampled_end_threshold_s`), and the shortest of their
+        #: thresholds in nanoseconds (``-1`` without such a hook).
+        self.watchers = tuple(h for h in hooks if h.unsampled_end_threshold_s is not None)
+        self.watch_ns = min(
+            (round((h.unsampled_end_threshold_s or 0.0) * 1e9) for h in self.watchers),
+            default=-1,
         )
+        #: ``wants_unsampled`` of every other hook, or ``None`` when one of them wants
+        #: every unsampled request (it does not override the method).
+        others = tuple(h for h in hooks if h.unsampled_end_threshold_s is None)
+        gated = _implementing(others, "wants_unsampled")
+        self.gates = tuple(h.wants_unsampled for h in gated) if len(gated) == len(others) else None
         self.start = _implementing(hooks, "on_request_start")
         self.worker = _implementing(hooks, "run_in_worker")
         self.operation = _implementing(hooks, "on_operation_end")

@@ -27,12 +27,15 @@ A request that took ``threshold_s`` or longer produces one structlog event
 The timings come from ``RequestState.timings`` (filled by dependency
 instrumentation); without them the line still has the totals.
 
-``dependencies`` says which requests have timings. ``"all"`` (the default): the
+``dependencies`` says which requests have timings. ``"traced"`` (the
+default): the requests traced anyway (sampled, profiled, or recorded by the
+slow-request capture) are; another slow request gets the totals (route,
+status, duration, ids, loop time). That costs one ``send`` wrapper per
+unsampled request, which keeps the middleware's lean path: this hook is called
+only for a request that took ``threshold_s`` or longer. ``"all"``: the
 dependencies of every request are timed, sampled or not, so any slow request
-is explained; that is the log's main cost (see docs/performance.md).
-``"traced"``: only requests traced anyway (sampled, profiled, or recorded by
-the slow-request capture) are; another slow request gets the totals, at the
-cost of noting its status and end.
+gets the breakdown; that makes every unsampled request run the dependency
+hooks (see docs/performance.md for both prices).
 """
 
 from __future__ import annotations
@@ -72,9 +75,9 @@ class SlowRequestLog(RequestHooks):
         top: How many of the slowest timings to list.
         level: structlog level of the line.
         event: The event (message) of the line.
-        dependencies: Which requests get the per-dependency breakdown: ``"all"``
-            (every request's dependencies are timed, sampled or not) or
-            ``"traced"`` (only requests traced anyway; the others get the totals).
+        dependencies: Which requests get the per-dependency breakdown: ``"traced"``
+            (the default: only requests traced anyway; the others get the totals)
+            or ``"all"`` (every request's dependencies are timed, sampled or not).
     """
 
     order = 300
@@ -86,7 +89,7 @@ class SlowRequestLog(RequestHooks):
         top: int = 5,
         level: LogLevel = "warning",
         event: str = "slow request",
-        dependencies: Coverage = "all",
+        dependencies: Coverage = "traced",
     ) -> None:
         threshold_s = check_seconds("threshold_s", threshold_s, 0, 86_400)
         check_int("top", top, 0, 64)
@@ -101,6 +104,10 @@ class SlowRequestLog(RequestHooks):
         self.level: LogLevel = level
         self.event = event
         self.dependencies: Coverage = dependencies
+        if dependencies == "traced":
+            # An unsampled request stays lean: fastprof notes its status and end
+            # and calls on_request_end only if it took threshold_s or longer.
+            self.unsampled_end_threshold_s = self.threshold_s
 
     def on_request_end(self, state: RequestState) -> None:
         if state.websocket:

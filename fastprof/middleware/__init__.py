@@ -14,7 +14,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fastprof import _internal_errors
 from fastprof._context import SCOPE_KEY
 from fastprof.hooks import RequestHooks
-from fastprof.middleware._request import LeanRequest, UnsampledRequest, start_request
+from fastprof.middleware._request import (
+    LeanRequest,
+    UnsampledRequest,
+    WatchedRequest,
+    start_request,
+)
 from fastprof.middleware._settings import ExcludeOption, MiddlewareOptions, Settings
 from fastprof.middleware._websocket import start_session
 
@@ -102,6 +107,13 @@ class FastprofMiddleware:
                 await self.app(scope, receive, send)
             finally:
                 request.leave(scope)
+            return
+        if type(request) is WatchedRequest:
+            # As lean, with the status and end noted for the hooks told of a slow one.
+            try:
+                await self.app(scope, receive, request.bind(settings, send))
+            finally:
+                request.finish(scope)
             return
         if type(request) is UnsampledRequest:
             # An unsampled request some hook wants: hooks, and no span work.

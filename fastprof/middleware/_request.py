@@ -6,6 +6,9 @@ of request serves it:
 
 * :class:`LeanRequest`: an unsampled request that no hook needs; only its span's
   context is current while the app runs, and it is undone at the end;
+* :class:`WatchedRequest`: a lean request whose status and end are noted (one
+  ``send`` wrapper), so the hooks that only want to hear of a slow unsampled
+  request (the slow-request log with ``dependencies="traced"``) are told of it;
 * :class:`UnsampledRequest`: an unsampled request some hook wants (the
   slow-request log follows every one); it wraps ``send`` to see the status and
   the end of the response, and runs the hooks: nothing else;
@@ -17,6 +20,7 @@ of request serves it:
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from contextvars import Token
 from typing import Any
@@ -50,7 +54,7 @@ from fastprof.attributes import CLIENT_DISCONNECTED, REQUEST_ID, TIME_TO_RESPONS
 from fastprof.hooks import HookSet
 from fastprof.middleware._settings import Settings
 
-__all__ = ["LeanRequest", "TracedRequest", "UnsampledRequest", "start_request"]
+__all__ = ["LeanRequest", "TracedRequest", "UnsampledRequest", "WatchedRequest", "start_request"]
 
 
 def start_request(
@@ -78,9 +82,11 @@ def start_request(
                 _route_resolver(scope, path),
             )
             gates = settings.unsampled_gates
-            if settings.lean_unsampled or (gates is not None and not _wanted(gates, scope)):
+            if settings.lean_unsampled or (
+                gates is not None and not (gates and _wanted(gates, scope))
+            ):
                 scope[SCOPE_KEY] = state
-                return LeanRequest(
+                return (LeanRequest if settings.watch_ns < 0 else WatchedRequest)(
                     state,
                     current_request.set(state),
                     attach_context(context_with_span(span, parent)),
@@ -211,9 +217,7 @@ def open_server_span(
     """
     # The usual case (no native telemetry, an empty context from the server)
     # skips the search for another layer's SERVER span.
-    span = (
-        foreign_server_span(scope, ambient) if ambient or "fastapi.telemetry" in scope else None
-    )
+    span = foreign_server_span(scope, ambient) if ambient or "fastapi.telemetry" in scope else None
     if span is not None:
         return span, False, span.is_recording(), None
     if parent is None:
@@ -277,6 +281,61 @@ class LeanRequest:
         # Break the scope <-> state reference cycle, so the request's objects
         # (FastAPI keeps exit stacks in the scope) are freed now, not by the GC.
         scope.pop(SCOPE_KEY, None)
+
+
+_perf_counter_ns = time.perf_counter_ns
+
+
+class WatchedRequest(LeanRequest):
+    """A lean request some hooks want to hear of only if it was slow
+    (:attr:`~fastprof.RequestHooks.unsampled_end_threshold_s`).
+
+    Its ``send`` notes the status and when the response's last message left;
+    :meth:`finish` calls those hooks' ``on_request_end`` when the request took
+    at least the shortest of their thresholds, then leaves it. Background tasks
+    run after the response and are not counted, as for every other shape.
+    """
+
+    __slots__ = ("_send", "_settings", "_trailers")
+
+    def __init__(
+        self, state: RequestState, state_token: Token[Any], context_token: Token[Any] | None
+    ) -> None:
+        super().__init__(state, state_token, context_token)
+        self._trailers = False
+
+    def bind(self, settings: Settings, send: Send) -> Send:
+        """The ``send`` to give the application."""
+        self._settings = settings
+        self._send = send
+        return self.send
+
+    async def send(self, message: Message) -> None:
+        message_type = message["type"]
+        if message_type == "http.response.body":
+            if not message.get("more_body", False) and not self._trailers:
+                self.state.end_ns = _perf_counter_ns()
+        elif message_type == "http.response.start":
+            self.state.status_code = message.get("status")
+            self._trailers = bool(message.get("trailers", False))
+        elif last_message(message_type, message, self._trailers):
+            self.state.end_ns = _perf_counter_ns()
+        await self._send(message)
+
+    def finish(self, scope: Scope) -> None:
+        """The application returned or raised: tell the hooks if it was slow, then leave."""
+        state = self.state
+        if not state.end_ns:
+            state.end_ns = _perf_counter_ns()  # failed, or ended without a response
+        hooks = self._settings.unsampled_hooks
+        if state.end_ns - state.start_ns >= hooks.watch_ns:
+            state.finalize_route()
+            for hook in hooks.watchers:
+                try:
+                    hook.on_request_end(state)
+                except Exception as exc:
+                    _internal_errors.report("hook.on_request_end", exc)
+        self.leave(scope)
 
 
 class HookedRequest(LeanRequest):

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import BackgroundTasks, FastAPI
 from structlog.testing import capture_logs
 
 import fastprof
@@ -151,8 +151,8 @@ def _report_app() -> FastAPI:
 @pytest.mark.anyio
 @pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "unsampled"])
 async def test_breakdown_from_real_dependency_instrumentation(spans: Any, sampled: bool) -> None:
-    """With dependency spans on (the default), the log lists the real dependencies,
-    also for requests whose trace is not sampled."""
+    """``dependencies="all"``: the log lists the real dependencies, also for requests
+    whose trace is not sampled."""
     app = _report_app()
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
@@ -161,7 +161,7 @@ async def test_breakdown_from_real_dependency_instrumentation(spans: Any, sample
     fastprof.instrument(
         app,
         tracer_provider=provider,
-        slow_requests=fastprof.SlowRequestLog(threshold_s=0.1),
+        slow_requests=fastprof.SlowRequestLog(threshold_s=0.1, dependencies="all"),
     )
     with capture_logs() as logs:
         async with client(app) as c:
@@ -211,3 +211,64 @@ async def test_traced_breakdown_times_only_traced_requests(spans: Any, sampled: 
     else:
         assert line["dependencies"] == [] and state.timings == ()
         assert line["endpoint_s"] is None and line["serialization_s"] is None
+
+
+@pytest.mark.server
+def test_unsampled_slow_requests_are_logged_on_a_real_server(make_monitor: Any) -> None:
+    """Production on uvicorn + uvloop: nothing sampled, every feature on, the log's default
+    ``dependencies="traced"``. The slow request is logged with its route, status, the
+    request and (unsampled, propagated) trace ids and the loop time it blocked; fast ones
+    and one whose background task runs long after its response are not."""
+    import httpx
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    from tests._server import serve
+
+    app = FastAPI()
+
+    @app.get("/slow/{n}")
+    async def slow(n: int) -> dict[str, int]:
+        time.sleep(0.15)  # blocks the loop: the monitor charges it to this request
+        await asyncio.sleep(0.2)
+        return {"n": n}
+
+    @app.get("/fast")
+    async def fast() -> dict[str, str]:
+        return {}
+
+    @app.get("/later")
+    async def later(tasks: BackgroundTasks) -> dict[str, str]:
+        tasks.add_task(asyncio.sleep, 0.5)
+        return {}
+
+    fastprof.instrument(
+        app,
+        tracer_provider=TracerProvider(sampler=ParentBased(ALWAYS_OFF)),
+        loop_monitor=make_monitor(threshold_s=0.1),
+        profiling=fastprof.Profiling(secret="s" * 32),
+        slow_requests=fastprof.SlowRequestLog(threshold_s=0.3),
+    )
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with capture_logs() as logs:
+        with (
+            serve(app, loop="uvloop", lifespan="on") as base,
+            httpx.Client(base_url=base, timeout=5) as http,
+        ):
+            assert http.get("/fast").status_code == 200
+            assert http.get("/later").status_code == 200
+            response = http.get(
+                "/slow/7",
+                headers={
+                    "x-request-id": "slow-7",
+                    "traceparent": f"00-{trace_id}-00f067aa0ba902b7-00",
+                },
+            )
+            assert response.json() == {"n": 7}
+            time.sleep(0.6)  # /later's background task ends before the server stops
+    [line] = _slow_logs(logs)
+    assert line["route"] == "/slow/{n}" and line["method"] == "GET" and line["status"] == 200
+    assert line["request_id"] == "slow-7" and line["trace_id"] == trace_id
+    assert 0.35 <= line["duration_s"] < 5
+    assert line["loop_blocked_s"] >= 0.1
+    assert line["dependencies"] == [] and line["endpoint_s"] is None

@@ -396,3 +396,102 @@ async def test_profiling_hooks_skip_unsampled_requests_without_a_token() -> None
     await app({"type": "http", "method": "GET", "path": "/", "headers": headers}, receive, send)
     assert len(starts) == 1 and starts[0] is not None  # with one: profiled
     assert profiling.flush(10)
+
+
+async def test_hooks_told_only_of_slow_unsampled_requests_keep_them_lean() -> None:
+    """A hook with ``unsampled_end_threshold_s`` (the slow-request log's ``"traced"``
+    default): an unsampled request keeps the lean path but for one ``send`` wrapper (the
+    server's own ``receive``), no other phase of the hook runs, and its
+    ``on_request_end`` is called only for a request that took the threshold or longer,
+    measured to the response's last message (work after it is not counted), with the
+    status and route known; a failure is told too and propagates untouched."""
+    import asyncio
+
+    class Watcher(fastprof.RequestHooks):
+        unsampled_end_threshold_s = 0.05
+
+        def __init__(self) -> None:
+            self.ends: list[tuple[str, int | None, float, str | None]] = []
+            self.others: list[str] = []
+
+        def on_request_start(self, state: Any, scope: Any) -> None:
+            self.others.append("start")
+
+        def on_response_start(self, state: Any, message: Any) -> None:
+            self.others.append("response")
+
+        def on_app_exit(self, state: Any) -> None:
+            self.others.append("exit")
+
+        def on_request_end(self, state: Any) -> None:
+            self.ends.append((state.path, state.status_code, state.elapsed_s(), state.route))
+
+    received: list[tuple[object, object]] = []
+
+    async def raw_app(scope: Any, receive: Any, send: Any) -> None:
+        received.append((receive, send))
+        path = scope["path"]
+        if path == "/slow":
+            await asyncio.sleep(0.08)
+        if path == "/fails":
+            await asyncio.sleep(0.06)
+            raise LookupError("the app's own")
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b"})
+        if path == "/after":
+            await asyncio.sleep(0.08)  # a background task: after the last message
+
+    watcher = Watcher()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    app = fastprof.FastprofMiddleware(raw_app, tracer_provider=provider, hooks=[watcher])
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    for path in ("/fast", "/slow", "/after"):
+        await app({"type": "http", "method": "GET", "path": path, "headers": []}, receive, send)
+        assert received[-1][0] is receive and received[-1][1] is not send
+    with pytest.raises(LookupError, match="the app's own"):
+        await app({"type": "http", "method": "GET", "path": "/fails", "headers": []}, receive, send)
+    assert len(sent) == 9 and [m.get("body") for m in sent[1:3]] == [b"a", b"b"]
+    assert watcher.others == []
+    (slow, status, duration, route), (failed, no_status, failed_after, _) = watcher.ends
+    assert (slow, status, route) == ("/slow", 201, None)  # a raw app: no route template
+    assert 0.08 <= duration < 0.5
+    assert (failed, no_status) == ("/fails", None) and failed_after >= 0.06
+
+
+async def test_slow_watchers_see_every_phase_when_another_hook_wants_the_request() -> None:
+    """When another hook wants the unsampled request, every phase runs as before (the
+    watcher's ``on_request_end`` included), and a failing watcher is reported, not raised."""
+
+    class Watcher(fastprof.RequestHooks):
+        unsampled_end_threshold_s = 0.0
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def on_request_start(self, state: Any, scope: Any) -> None:
+            self.calls.append("start")
+
+        def on_request_end(self, state: Any) -> None:
+            self.calls.append("end")
+            raise RuntimeError("the watcher's own bug")
+
+    watcher, everything = Watcher(), _Recorder(True)
+    seen: list[SpanContext] = []
+    app = _app(TracerProvider(sampler=ALWAYS_OFF), seen, hooks=[watcher, everything])
+    assert (await _get(app)).text == "ok"
+    assert watcher.calls == ["start", "end"]
+    assert [c[0] for c in everything.calls] == ["start", "response", "end", "exit"]
+
+    alone = Watcher()
+    app = _app(TracerProvider(sampler=ALWAYS_OFF), seen, hooks=[alone])
+    assert (await _get(app)).text == "ok"  # the watcher's failure stays inside fastprof
+    assert alone.calls == ["end"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from fastapi import BackgroundTasks, FastAPI, HTTPException, Request, WebSocket
@@ -64,19 +64,25 @@ def everything() -> dict[str, Any]:
     }
 
 
-def production_options() -> dict[str, Any]:
+def production_options(dependencies: Literal["traced", "all"]) -> dict[str, Any]:
     """The production configuration: every feature on, profiling never triggered (no
-    token, no sample rate), every request logged as slow (the ``UnsampledRequest`` shape
-    when nothing is sampled)."""
+    token, no sample rate), every request logged as slow. When nothing is sampled, an
+    unsampled request is a ``WatchedRequest`` (``"traced"``, the default) or follows
+    every hook as an ``UnsampledRequest`` (``"all"``)."""
     return {
         "profiling": fastprof.Profiling(secret="transparency-secret-" + "x" * 32),
         "loop_monitor": fastprof.LoopMonitor(threshold_s=0.1),
-        "slow_requests": fastprof.SlowRequestLog(threshold_s=0.0, level="debug"),
+        "slow_requests": fastprof.SlowRequestLog(
+            threshold_s=0.0, level="debug", dependencies=dependencies
+        ),
     }
 
 
 def make_fastapi(
-    native: bool = False, features: bool = False, sampled: bool = True, production: bool = False
+    native: bool = False,
+    features: bool = False,
+    sampled: bool = True,
+    production: Literal["traced", "all"] | None = None,
 ) -> tuple[Callable[[bool], Any], dict[bool, list[str]]]:
     """An app factory covering the transparency matrix, plus its side-effect logs."""
     effects: dict[bool, list[str]] = {False: [], True: []}
@@ -188,7 +194,13 @@ def make_fastapi(
             await websocket.close(code=4001)
 
         if instrumented:
-            extra = everything() if features else production_options() if production else {}
+            extra = (
+                everything()
+                if features
+                else production_options(production)
+                if production is not None
+                else {}
+            )
             fastprof.instrument(app, tracer_provider=_provider(sampled), **extra)
         return app
 
@@ -222,8 +234,10 @@ CONFIGS = {
     # Nothing sampled and no component needing unsampled requests: the lean path.
     "unsampled": {"native": False, "sampled": False},
     "unsampled-all-features": {"native": False, "features": True, "sampled": False},
-    # Production: nothing sampled, the slow-request log follows every request.
-    "unsampled-production": {"native": False, "production": True, "sampled": False},
+    # Production: nothing sampled, every request slow; the slow-request log hears of
+    # each one at its end (the default), or follows it with every hook ("all").
+    "unsampled-production": {"native": False, "production": "traced", "sampled": False},
+    "unsampled-production-all": {"native": False, "production": "all", "sampled": False},
 }
 
 
