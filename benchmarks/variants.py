@@ -443,32 +443,32 @@ def _fastprof_slowlog_unsampled(ctx: SetupContext) -> ASGIApp:
 
 
 @variant(
-    "fastprof-slowlog-traced-unsampled",
-    "instrument(app) + SlowRequestLog(threshold_s=1.0, dependencies='traced'), ALWAYS_OFF",
+    "fastprof-slowlog-alldeps-unsampled",
+    "instrument(app) + SlowRequestLog(threshold_s=1.0, dependencies='all'), ALWAYS_OFF",
     requires=_needs_slowlog_dependencies,
     default=False,
 )
-def _fastprof_slowlog_traced_unsampled(ctx: SetupContext) -> ASGIApp:
+def _fastprof_slowlog_alldeps_unsampled(ctx: SetupContext) -> ASGIApp:
     import fastprof
 
     return _production_unsampled(
-        ctx, slow_requests=fastprof.SlowRequestLog(threshold_s=1.0, dependencies="traced")
+        ctx, slow_requests=fastprof.SlowRequestLog(threshold_s=1.0, dependencies="all")
     )
 
 
 @variant(
-    "fastprof-all-traced-unsampled",
-    "all three, the slow-request log with dependencies='traced', ALWAYS_OFF",
+    "fastprof-all-alldeps-unsampled",
+    "all three, the slow-request log with dependencies='all', ALWAYS_OFF",
     requires=_needs_slowlog_dependencies,
     default=False,
 )
-def _fastprof_all_traced_unsampled(ctx: SetupContext) -> ASGIApp:
+def _fastprof_all_alldeps_unsampled(ctx: SetupContext) -> ASGIApp:
     import fastprof
 
     return _production_unsampled(
         ctx,
         loop_monitor=fastprof.LoopMonitor(threshold_s=0.1),
-        slow_requests=fastprof.SlowRequestLog(threshold_s=1.0, dependencies="traced"),
+        slow_requests=fastprof.SlowRequestLog(threshold_s=1.0, dependencies="all"),
         profiling=fastprof.Profiling(secret=_PROFILING_SECRET),
     )
 
