@@ -31,7 +31,14 @@ from typing import Any, Final
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    TraceState,
+)
 
 __all__ = ["DropFastPath", "drop_fast_path"]
 
@@ -127,16 +134,20 @@ def _build(tracer: Any) -> DropFastPath | None:
     drop = Decision.DROP
     get_current_span = trace.get_current_span
 
-    def checked_root_context(trace_id: int, span_id: int) -> SpanContext:
-        return SpanContext(trace_id, span_id, is_remote=False, trace_flags=root_flags)
-
-    make_root_context: Callable[[int, int], SpanContext] = checked_root_context
-    if inline_ids:  # ids known to be valid: the cheaper tuple, if the layout checks out
-        make_root_context = _root_context_factory(root_flags) or checked_root_context
+    # Ids known to be valid (the SDK's generator, inlined): a SpanContext is built as
+    # the tuple its validating __new__ would build, if its layout checks out; and a
+    # NonRecordingSpan without its Python __init__, if that makes the same span. Both
+    # are checked here, once; otherwise the public constructors are used.
+    layout = _context_layout() if inline_ids else None
+    bare_spans = _bare_span_construction()
+    new_tuple = tuple.__new__
+    new_object = object.__new__
 
     def span_for(parent_context: Context) -> Span | None:
         if has_config and not tracer._tracer_config.is_enabled:
             return None
+        trace_id = 0
+        state: TraceState | None = None
         if parent_context:
             parent = get_current_span(parent_context).get_span_context()
             if parent.is_valid:
@@ -148,30 +159,47 @@ def _build(tracer: Any) -> DropFastPath | None:
                 if record_start is not None:
                     record_start(parent, drop)
                 random = random_flag is not None and bool(flags & random_flag)
-                return NonRecordingSpan(
-                    SpanContext(
-                        parent.trace_id,
-                        (getrandbits(64) or 1) if inline_ids else generate_span_id(),
-                        is_remote=False,
-                        trace_flags=random_flags if random else default_flags,
-                        trace_state=parent.trace_state,
-                    )
-                )
-        if ratio_bound is not None:
-            trace_id = getrandbits(128) or 1
-            if trace_id & _RATIO_MASK < ratio_bound:
-                seed(trace_id)  # type: ignore[misc]  # sampled: the SDK decides the same
+                trace_id = parent.trace_id  # valid: never 0
+                span_flags = random_flags if random else default_flags
+                state = parent.trace_state
+        if not trace_id:  # a root
+            if ratio_bound is not None:
+                trace_id = getrandbits(128) or 1
+                if trace_id & _RATIO_MASK < ratio_bound:
+                    seed(trace_id)  # type: ignore[misc]  # sampled: the SDK decides the same
+                    return None
+            elif not root_drops:
                 return None
+            else:
+                trace_id = (getrandbits(128) or 1) if inline_ids else generate_trace_id()
             if record_start is not None:
                 record_start(None, drop)
-            return NonRecordingSpan(make_root_context(trace_id, getrandbits(64) or 1))
-        if not root_drops:
-            return None
-        if record_start is not None:
-            record_start(None, drop)
-        if inline_ids:
-            return NonRecordingSpan(make_root_context(getrandbits(128) or 1, getrandbits(64) or 1))
-        return NonRecordingSpan(make_root_context(generate_trace_id(), generate_span_id()))
+            span_flags = root_flags
+        if layout is not None:
+            context = new_tuple(
+                SpanContext,
+                (
+                    trace_id,
+                    getrandbits(64) or 1,
+                    False,
+                    span_flags,
+                    layout.empty_state if state is None else state,
+                    True,
+                ),
+            )
+        else:
+            context = SpanContext(
+                trace_id,
+                (getrandbits(64) or 1) if inline_ids else generate_span_id(),
+                is_remote=False,
+                trace_flags=span_flags,
+                trace_state=state,
+            )
+        if bare_spans:
+            span = new_object(NonRecordingSpan)
+            span._context = context
+            return span
+        return NonRecordingSpan(context)
 
     return span_for
 
@@ -206,40 +234,69 @@ class _SeededIdGenerator(_seeded_generator_base()):  # type: ignore[misc]
         return super().generate_trace_id()  # type: ignore[no-any-return]
 
 
-def _root_context_factory(flags: TraceFlags) -> Callable[[int, int], SpanContext] | None:
-    """A cheaper ``SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags)``
-    for ids known to be valid, if ``SpanContext``'s layout is the one checked here.
+class _ContextLayout:
+    """``SpanContext``'s tuple layout, as checked by :func:`_context_layout`."""
+
+    __slots__ = ("empty_state",)
+
+    def __init__(self, empty_state: Any) -> None:
+        #: What ``SpanContext`` stores for ``trace_state=None``.
+        self.empty_state = empty_state
+
+
+def _context_layout() -> _ContextLayout | None:
+    """Whether ``SpanContext(t, s, is_remote=False, trace_flags=f, trace_state=ts)`` for
+    valid ids is the tuple ``(t, s, False, f, ts or <empty state>, True)``.
 
     ``SpanContext`` is a tuple whose Python ``__new__`` (keyword arguments, validation)
     costs about 5,700 instructions; building the tuple directly costs a tenth of that.
+    Checked once, with and without a trace state and with every flag the fast path uses.
     """
     try:
-        reference = SpanContext(0x1234, 0x5678, is_remote=False, trace_flags=flags)
-        state = reference.trace_state
         new = tuple.__new__
-
-        def make(trace_id: int, span_id: int) -> SpanContext:
-            return new(SpanContext, (trace_id, span_id, False, flags, state, True))
-
-        built = make(0x1234, 0x5678)
-        if (
-            type(built) is SpanContext
-            and built == reference
-            and (built.trace_id, built.span_id, built.is_remote, built.is_valid)
-            == (0x1234, 0x5678, False, True)
-            and built.trace_flags is flags
-            and built.trace_state is state
-        ):
-            return make
+        empty = SpanContext(0x1234, 0x5678, is_remote=False).trace_state
+        given = TraceState([("probe", "1")])
+        for flags in (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED | 2)):
+            for state, stored in ((None, empty), (given, given)):
+                reference = SpanContext(
+                    0x1234, 0x5678, is_remote=False, trace_flags=flags, trace_state=state
+                )
+                built = new(SpanContext, (0x1234, 0x5678, False, flags, stored, True))
+                if not (
+                    type(built) is SpanContext
+                    and built == reference
+                    and (built.trace_id, built.span_id, built.is_remote, built.is_valid)
+                    == (0x1234, 0x5678, False, True)
+                    and built.trace_flags is flags
+                    and built.trace_state is reference.trace_state
+                ):
+                    return None  # pragma: no cover - another API layout
+        return _ContextLayout(empty)
     except Exception:  # pragma: no cover - another API layout
-        pass
-    return None  # pragma: no cover
+        return None
+
+
+def _bare_span_construction() -> bool:
+    """Whether ``NonRecordingSpan(context)`` is an object holding only ``_context``, so
+    that ``object.__new__`` plus that attribute builds the same span without the Python
+    ``__init__`` call (checked once)."""
+    try:
+        context = SpanContext(0x1234, 0x5678, is_remote=False)
+        reference = NonRecordingSpan(context)
+        built = object.__new__(NonRecordingSpan)
+        built._context = context
+        return (
+            vars(reference) == {"_context": context}
+            and vars(built) == vars(reference)
+            and built.get_span_context() is context
+            and not built.is_recording()
+        )
+    except Exception:  # pragma: no cover - another API layout
+        return False
 
 
 def _agrees_with_sdk(tracer: Any, fast: DropFastPath) -> bool:
     """Probe: for each parent shape the fast path takes, the SDK's span looks the same."""
-    from opentelemetry.trace import TraceState
-
     ratio = isinstance(tracer.id_generator, _SeededIdGenerator)
     # A ratio-decided root is probed by _ratio_agrees (with ids it certainly drops).
     parents: list[Context] = [] if ratio else [Context()]

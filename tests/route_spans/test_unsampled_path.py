@@ -77,6 +77,32 @@ def test_always_off_roots_and_parents_match_the_sdk() -> None:
         _same_as_sdk(tracer, parent)
 
 
+def test_fast_constructions_hold_on_the_installed_api() -> None:
+    """The fast path builds span contexts as tuples and dropped spans without their
+    ``__init__`` only because the installed API checks out; on it, what it builds is
+    what the public constructors build, for roots and remote parents alike."""
+    from fastprof._sampling import _bare_span_construction, _context_layout
+
+    assert _context_layout() is not None and _bare_span_construction()
+    tracer = _tracer(ALWAYS_OFF)
+    fast = drop_fast_path(tracer)
+    assert fast is not None
+    for parent in (Context(), _remote(False), _remote(True)):
+        span = fast(parent)
+        assert type(span) is NonRecordingSpan and vars(span).keys() == {"_context"}
+        built = span.get_span_context()
+        public = SpanContext(
+            built.trace_id,
+            built.span_id,
+            is_remote=False,
+            trace_flags=built.trace_flags,
+            trace_state=built.trace_state,
+        )
+        assert built == public and built.is_valid and not built.is_remote
+        assert built.trace_state is public.trace_state
+        assert NonRecordingSpan(public).get_span_context() == built
+
+
 def test_parent_based_fast_path_only_for_the_dropping_branch() -> None:
     tracer = _tracer(ParentBased(ALWAYS_ON))
     fast = drop_fast_path(tracer)
