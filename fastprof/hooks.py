@@ -68,6 +68,12 @@ class RequestHooks:
     #: middleware then never calls it. Read once when the middleware is built.
     enabled: bool = True
 
+    #: ``True`` when the hook never wants an unsampled request by itself: its phases
+    #: run only for the unsampled requests another hook wants (dependency timings for
+    #: a profiled request), so :meth:`wants_unsampled` is not asked for each one.
+    #: Read once when the middleware is built.
+    follows_unsampled: bool = False
+
     #: Set (seconds) when all the hook needs of an unsampled request is
     #: :meth:`on_request_end`, and only if the request took at least this long
     #: (the slow-request log with ``dependencies="traced"``). Such a hook does not
@@ -188,9 +194,11 @@ class HookSet:
             (round((h.unsampled_end_threshold_s or 0.0) * 1e9) for h in self.watchers),
             default=-1,
         )
-        #: ``wants_unsampled`` of every other hook, or ``None`` when one of them wants
-        #: every unsampled request (it does not override the method).
-        others = tuple(h for h in hooks if h.unsampled_end_threshold_s is None)
+        #: ``wants_unsampled`` of every other hook (but those that follow), or ``None``
+        #: when one of them wants every unsampled request (it does not override it).
+        others = tuple(
+            h for h in hooks if h.unsampled_end_threshold_s is None and not h.follows_unsampled
+        )
         gated = _implementing(others, "wants_unsampled")
         self.gates = tuple(h.wants_unsampled for h in gated) if len(gated) == len(others) else None
         self.start = _implementing(hooks, "on_request_start")

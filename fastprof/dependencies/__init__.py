@@ -106,6 +106,9 @@ class DependencySpans(RequestHooks):
         self.unsampled_requests = (
             self.timings_when_unsampled or self.profiled_requests
         ) and self.enabled
+        # Without timings for every request, it runs for the unsampled requests
+        # another component wants (profiled ones), never by itself.
+        self.follows_unsampled = not self.timings_when_unsampled
 
     def wants_unsampled(self, scope: Scope) -> bool:
         # Timings for the slow-request log: every unsampled request. Only for

@@ -56,6 +56,9 @@ from fastprof.middleware._settings import Settings
 
 __all__ = ["LeanRequest", "TracedRequest", "UnsampledRequest", "WatchedRequest", "start_request"]
 
+_partial = functools.partial
+_perf_counter_ns = time.perf_counter_ns
+
 
 def start_request(
     settings: Settings, scope: Scope
@@ -79,7 +82,14 @@ def start_request(
                 path,
                 headers,
                 settings.request_id_header,
-                _route_resolver(scope, path),
+                # _route_resolver(scope, path), inline: the one call every request makes.
+                _partial(
+                    _resolve_route_safely,
+                    scope,
+                    scope.get("app"),
+                    scope.get("root_path", ""),
+                    path,
+                ),
             )
             gates = settings.unsampled_gates
             if settings.lean_unsampled or (
@@ -283,9 +293,6 @@ class LeanRequest:
         scope.pop(SCOPE_KEY, None)
 
 
-_perf_counter_ns = time.perf_counter_ns
-
-
 class WatchedRequest(LeanRequest):
     """A lean request some hooks want to hear of only if it was slow
     (:attr:`~fastprof.RequestHooks.unsampled_end_threshold_s`).
@@ -298,16 +305,11 @@ class WatchedRequest(LeanRequest):
 
     __slots__ = ("_send", "_settings", "_trailers")
 
-    def __init__(
-        self, state: RequestState, state_token: Token[Any], context_token: Token[Any] | None
-    ) -> None:
-        super().__init__(state, state_token, context_token)
-        self._trailers = False
-
     def bind(self, settings: Settings, send: Send) -> Send:
-        """The ``send`` to give the application."""
+        """The ``send`` to give the application (called once, before it runs)."""
         self._settings = settings
         self._send = send
+        self._trailers = False
         return self.send
 
     async def send(self, message: Message) -> None:
@@ -663,7 +665,7 @@ class TracedRequest(HookedRequest):
 
 def _route_resolver(scope: Scope, path: str) -> Callable[[], str | None]:
     # Routing mutates the scope: resolve from what it was on the way in.
-    return functools.partial(
+    return _partial(
         _resolve_route_safely, scope, scope.get("app"), scope.get("root_path", ""), path
     )
 

@@ -521,3 +521,27 @@ async def test_slow_watchers_see_every_phase_when_another_hook_wants_the_request
     app = _app(TracerProvider(sampler=ALWAYS_OFF), seen, hooks=[alone])
     assert (await _get(app)).text == "ok"  # the watcher's failure stays inside fastprof
     assert alone.calls == ["end"]
+
+
+async def test_following_hooks_are_not_asked_and_run_when_another_hook_wants_the_request() -> None:
+    """``follows_unsampled`` (dependency timings for profiled requests): the hook's
+    ``wants_unsampled`` is never asked; it runs for the unsampled requests another hook
+    wants, and a request nobody wants stays lean."""
+
+    class Follower(_Recorder):
+        follows_unsampled = True
+
+        def wants_unsampled(self, scope: Any) -> bool:
+            raise AssertionError("a following hook is not asked")
+
+    class Gate(_Recorder):
+        def wants_unsampled(self, scope: Any) -> bool:
+            return any(k == b"x-want" for k, _ in scope["headers"])
+
+    follower, gate = Follower(True), Gate(True)
+    seen: list[SpanContext] = []
+    app = _app(TracerProvider(sampler=ALWAYS_OFF), seen, hooks=[follower, gate])
+    assert (await _get(app)).text == "ok"
+    assert follower.calls == gate.calls == []
+    assert (await _get(app, {"x-want": "1"})).text == "ok"
+    assert [c[0] for c in follower.calls] == ["start", "response", "end", "exit"]
