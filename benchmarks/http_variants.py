@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -113,7 +114,9 @@ def _instrumented(
 
     options: dict[str, Any] = {}
     if loop:
-        options["loop_monitor"] = fastprof.LoopMonitor(threshold_s=0.1)
+        # Raised by the instructions mode (a server under valgrind runs ~50x slower).
+        threshold = float(os.environ.get("FASTPROF_BENCH_LOOP_THRESHOLD_S", "0.1"))
+        options["loop_monitor"] = fastprof.LoopMonitor(threshold_s=threshold)
     if slowlog:
         options["slow_requests"] = fastprof.SlowRequestLog(
             threshold_s=1.0, **_slowlog_options(slowlog_dependencies)
