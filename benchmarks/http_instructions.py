@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
     now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     header = (
-        f"HTTP instructions, {now}: uvicorn 1 worker (uvloop) under callgrind, wrk -c{args.connections}, {args.warmup} s warm-up, "
+        f"HTTP instructions, {now}: uvicorn 1 worker (uvloop) under callgrind, "
+        f"wrk -c{args.connections}, {args.warmup} s warm-up, "
         f"{args.seconds} s measured per endpoint, PYTHONHASHSEED=0, python {sys.version.split()[0]}"
     )
     print(header)
