@@ -114,3 +114,38 @@ def test_every_variant_is_listed() -> None:
         "native-sampled",
         "sdk-floor",
     } <= HTTP_VARIANTS.keys()
+
+
+def test_instructions_mode_reads_callgrind_dumps_and_prints_ratios(tmp_path: Path) -> None:
+    """``python -m benchmarks.http_instructions``: a callgrind dump's summary is read per
+    thread, and the table gives each variant's loop-thread instructions per request against
+    bare, with the throughput ratio they imply."""
+    from benchmarks import http_instructions as instr
+
+    dump = tmp_path / "cg.4242.2-01"
+    dump.write_text(
+        "# callgrind format\nversion: 1\ncreator: callgrind-3.19.0\npid: 4242\n"
+        "cmd:  python -m benchmarks._http_server bare\npart: 2\n\ndesc: I1 cache: \n"
+        "events: Ir\nsummary: 866558000\n\nfl=(1) ???\nfn=(1) 0x0000000000000000\n0 12\n"
+        "totals: 866558000\n"
+    )
+    assert instr.read_dump(dump) == 866_558_000
+    results = {
+        "bare": {"endpoints": {"/plain": _row(2000, 866_558_000, 3_000_000)}},
+        "default": {"endpoints": {"/plain": _row(1850, 866_558_000, 1_000_000)}},
+        "skipped-one": {"skipped": "not in this fastprof"},
+    }
+    text = instr.table("/plain", results)
+    bare_line, default_line, skipped_line = text.splitlines()[-3:]
+    assert "| bare | 2000 | 433,279 | 1.000 | 1.000 |" in bare_line
+    assert "| default | 1850 | 468,410 | 1.081 | 0.925 |" in default_line
+    assert "not in this fastprof" in skipped_line
+
+
+def _row(requests: int, loop: int, others: int) -> dict[str, Any]:
+    return {
+        "requests": requests,
+        "loop_per_request": loop / requests,
+        "all_per_request": (loop + others) / requests,
+        "gc": [1, 0, 0],
+    }
