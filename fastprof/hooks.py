@@ -80,8 +80,9 @@ class RequestHooks:
     #: make unsampled requests leave the lean path: fastprof notes their status
     #: and end with one ``send`` wrapper and calls :meth:`on_request_end` of the
     #: slow ones, with :attr:`~fastprof.RequestState.route` and the duration
-    #: known. Its other phases run only for requests another hook wants. Read once
-    #: when the middleware is built.
+    #: known. For an unsampled request another hook wants, and for a sampled one,
+    #: every phase runs as for any hook, ``on_request_end`` whatever the duration.
+    #: Read once when the middleware is built.
     unsampled_end_threshold_s: float | None = None
 
     #: ``True`` when :meth:`wants_unsampled` is exact: this hook does nothing for an
@@ -175,7 +176,6 @@ class HookSet:
         "response",
         "skippable",
         "start",
-        "watch_ns",
         "watchers",
         "without",
         "worker",
@@ -186,13 +186,17 @@ class HookSet:
         the hooks that decline it with :attr:`RequestHooks.skip_when_unwanted` (see
         :meth:`for_request`)."""
         self.hooks = hooks
-        #: The hooks that need an unsampled request only if it was slow
-        #: (:attr:`RequestHooks.unsampled_end_threshold_s`), and the shortest of their
-        #: thresholds in nanoseconds (``-1`` without such a hook).
-        self.watchers = tuple(h for h in hooks if h.unsampled_end_threshold_s is not None)
-        self.watch_ns = min(
-            (round((h.unsampled_end_threshold_s or 0.0) * 1e9) for h in self.watchers),
-            default=-1,
+        #: ``(threshold in ns, hook)`` of the hooks that need an unsampled request only
+        #: if it was slow (:attr:`RequestHooks.unsampled_end_threshold_s`), shortest first.
+        self.watchers = tuple(
+            sorted(
+                (
+                    (round(h.unsampled_end_threshold_s * 1e9), h)
+                    for h in hooks
+                    if h.unsampled_end_threshold_s is not None
+                ),
+                key=lambda pair: pair[0],
+            )
         )
         #: ``wants_unsampled`` of every other hook (but those that follow), or ``None``
         #: when one of them wants every unsampled request (it does not override it).

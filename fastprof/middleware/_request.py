@@ -51,12 +51,11 @@ from fastprof._otel import (
 from fastprof._records import Record
 from fastprof._routes import resolve_route
 from fastprof.attributes import CLIENT_DISCONNECTED, REQUEST_ID, TIME_TO_RESPONSE_START_S
-from fastprof.hooks import HookSet
+from fastprof.hooks import HookSet, RequestHooks
 from fastprof.middleware._settings import Settings
 
 __all__ = ["LeanRequest", "TracedRequest", "UnsampledRequest", "WatchedRequest", "start_request"]
 
-_partial = functools.partial
 _perf_counter_ns = time.perf_counter_ns
 
 
@@ -82,21 +81,14 @@ def start_request(
                 path,
                 headers,
                 settings.request_id_header,
-                # _route_resolver(scope, path), inline: the one call every request makes.
-                _partial(
-                    _resolve_route_safely,
-                    scope,
-                    scope.get("app"),
-                    scope.get("root_path", ""),
-                    path,
-                ),
+                _route_resolver(scope, path),
             )
             gates = settings.unsampled_gates
             if settings.lean_unsampled or (
                 gates is not None and not (gates and _wanted(gates, scope))
             ):
                 scope[SCOPE_KEY] = state
-                return (LeanRequest if settings.watch_ns < 0 else WatchedRequest)(
+                return (WatchedRequest if settings.unsampled_hooks.watchers else LeanRequest)(
                     state,
                     current_request.set(state),
                     attach_context(context_with_span(span, parent)),
@@ -256,6 +248,15 @@ def start_phase(hooks: HookSet, state: RequestState, scope: Scope) -> None:
             _internal_errors.report("hook.on_request_start", exc)
 
 
+def end_phase(hooks: tuple[RequestHooks, ...], state: RequestState) -> None:
+    """``on_request_end`` of ``hooks``, each guarded."""
+    for hook in hooks:
+        try:
+            hook.on_request_end(state)
+        except Exception as exc:
+            _internal_errors.report("hook.on_request_end", exc)
+
+
 def last_message(message_type: str, message: Message, trailers: bool) -> bool:
     """Whether ``message`` (any but ``http.response.start``) is the response's last:
     the body without ``more_body`` (unless trailers follow), the last trailers, or a
@@ -314,10 +315,7 @@ class WatchedRequest(LeanRequest):
 
     async def send(self, message: Message) -> None:
         message_type = message["type"]
-        if message_type == "http.response.body":
-            if not message.get("more_body", False) and not self._trailers:
-                self.state.end_ns = _perf_counter_ns()
-        elif message_type == "http.response.start":
+        if message_type == "http.response.start":
             self.state.status_code = message.get("status")
             self._trailers = bool(message.get("trailers", False))
         elif last_message(message_type, message, self._trailers):
@@ -325,18 +323,16 @@ class WatchedRequest(LeanRequest):
         await self._send(message)
 
     def finish(self, scope: Scope) -> None:
-        """The application returned or raised: tell the hooks if it was slow, then leave."""
+        """The application returned or raised: tell each hook whose threshold the
+        request reached, then leave."""
         state = self.state
         if not state.end_ns:
             state.end_ns = _perf_counter_ns()  # failed, or ended without a response
-        hooks = self._settings.unsampled_hooks
-        if state.end_ns - state.start_ns >= hooks.watch_ns:
+        took = state.end_ns - state.start_ns
+        watchers = self._settings.unsampled_hooks.watchers
+        if took >= watchers[0][0]:
             state.finalize_route()
-            for hook in hooks.watchers:
-                try:
-                    hook.on_request_end(state)
-                except Exception as exc:
-                    _internal_errors.report("hook.on_request_end", exc)
+            end_phase(tuple(hook for threshold, hook in watchers if took >= threshold), state)
         self.leave(scope)
 
 
@@ -378,11 +374,7 @@ class HookedRequest(LeanRequest):
             self._annotate_end(scope, error)
         except Exception as exc:
             _internal_errors.report("request_end", exc)
-        for hook in self._hooks.end:
-            try:
-                hook.on_request_end(state)
-            except Exception as exc:
-                _internal_errors.report("hook.on_request_end", exc)
+        end_phase(self._hooks.end, state)
 
     def _annotate_end(self, scope: Scope, error: BaseException | None) -> None:
         """Record what is known at the end on the span (or its capture record)."""
@@ -665,7 +657,7 @@ class TracedRequest(HookedRequest):
 
 def _route_resolver(scope: Scope, path: str) -> Callable[[], str | None]:
     # Routing mutates the scope: resolve from what it was on the way in.
-    return _partial(
+    return functools.partial(
         _resolve_route_safely, scope, scope.get("app"), scope.get("root_path", ""), path
     )
 

@@ -63,10 +63,6 @@ class Settings:
     #: the hooks, if every one of them has one (an unsampled request none of them
     #: wants is lean), else ``None``.
     unsampled_gates: tuple[Callable[[Scope], bool], ...] | None
-    #: ``unsampled_hooks.watch_ns``: the shortest threshold of the hooks that want
-    #: to hear of slow unsampled requests only (``-1``: no such hook), so a lean
-    #: request is a :class:`~fastprof.middleware._request.WatchedRequest`.
-    watch_ns: int
 
     @classmethod
     def build(
@@ -116,7 +112,6 @@ class Settings:
             unsampled_hooks=unsampled,
             lean_unsampled=lean,
             unsampled_gates=gates,
-            watch_ns=unsampled.watch_ns,
         )
 
 

@@ -545,3 +545,37 @@ async def test_following_hooks_are_not_asked_and_run_when_another_hook_wants_the
     assert follower.calls == gate.calls == []
     assert (await _get(app, {"x-want": "1"})).text == "ok"
     assert [c[0] for c in follower.calls] == ["start", "response", "end", "exit"]
+
+
+async def test_each_slow_watcher_is_told_only_past_its_own_threshold() -> None:
+    """Two hooks told of slow unsampled requests, with different thresholds: a request
+    between the two reaches the shorter one only; one past both reaches both."""
+    import asyncio
+
+    class Watcher(fastprof.RequestHooks):
+        def __init__(self, threshold_s: float) -> None:
+            self.unsampled_end_threshold_s = threshold_s
+            self.paths: list[str] = []
+
+        def on_request_end(self, state: Any) -> None:
+            self.paths.append(state.path)
+
+    async def raw_app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep({"/fast": 0.0, "/middle": 0.06, "/slow": 0.25}[scope["path"]])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    short, long = Watcher(0.05), Watcher(0.2)
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    app = fastprof.FastprofMiddleware(raw_app, tracer_provider=provider, hooks=[long, short])
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    for path in ("/fast", "/middle", "/slow"):
+        await app({"type": "http", "method": "GET", "path": path, "headers": []}, receive, send)
+    assert short.paths == ["/middle", "/slow"]
+    assert long.paths == ["/slow"]
