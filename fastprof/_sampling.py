@@ -138,7 +138,7 @@ def _build(tracer: Any) -> DropFastPath | None:
     # the tuple its validating __new__ would build, if its layout checks out; and a
     # NonRecordingSpan without its Python __init__, if that makes the same span. Both
     # are checked here, once; otherwise the public constructors are used.
-    layout = _context_layout() if inline_ids else None
+    empty_state = _context_layout() if inline_ids else None
     bare_spans = _bare_span_construction()
     new_tuple = tuple.__new__
     new_object = object.__new__
@@ -175,7 +175,7 @@ def _build(tracer: Any) -> DropFastPath | None:
             if record_start is not None:
                 record_start(None, drop)
             span_flags = root_flags
-        if layout is not None:
+        if empty_state is not None:
             context = new_tuple(
                 SpanContext,
                 (
@@ -183,7 +183,7 @@ def _build(tracer: Any) -> DropFastPath | None:
                     getrandbits(64) or 1,
                     False,
                     span_flags,
-                    layout.empty_state if state is None else state,
+                    empty_state if state is None else state,
                     True,
                 ),
             )
@@ -234,19 +234,10 @@ class _SeededIdGenerator(_seeded_generator_base()):  # type: ignore[misc]
         return super().generate_trace_id()  # type: ignore[no-any-return]
 
 
-class _ContextLayout:
-    """``SpanContext``'s tuple layout, as checked by :func:`_context_layout`."""
-
-    __slots__ = ("empty_state",)
-
-    def __init__(self, empty_state: Any) -> None:
-        #: What ``SpanContext`` stores for ``trace_state=None``.
-        self.empty_state = empty_state
-
-
-def _context_layout() -> _ContextLayout | None:
-    """Whether ``SpanContext(t, s, is_remote=False, trace_flags=f, trace_state=ts)`` for
-    valid ids is the tuple ``(t, s, False, f, ts or <empty state>, True)``.
+def _context_layout() -> TraceState | None:
+    """What ``SpanContext`` stores for ``trace_state=None``, if ``SpanContext(t, s,
+    is_remote=False, trace_flags=f, trace_state=ts)`` for valid ids is the tuple
+    ``(t, s, False, f, ts or that state, True)``; else ``None``.
 
     ``SpanContext`` is a tuple whose Python ``__new__`` (keyword arguments, validation)
     costs about 5,700 instructions; building the tuple directly costs a tenth of that.
@@ -271,7 +262,7 @@ def _context_layout() -> _ContextLayout | None:
                     and built.trace_state is reference.trace_state
                 ):
                     return None  # pragma: no cover - another API layout
-        return _ContextLayout(empty)
+        return empty
     except Exception:  # pragma: no cover - another API layout
         return None
 

@@ -91,16 +91,20 @@ def test_fast_constructions_hold_on_the_installed_api() -> None:
         span = fast(parent)
         assert type(span) is NonRecordingSpan and vars(span).keys() == {"_context"}
         built = span.get_span_context()
+        remote = trace.get_current_span(parent).get_span_context() if parent else None
         public = SpanContext(
             built.trace_id,
             built.span_id,
             is_remote=False,
             trace_flags=built.trace_flags,
-            trace_state=built.trace_state,
+            # A root's state is the SDK's default; a remote parent's is passed on.
+            trace_state=remote.trace_state if remote is not None else None,
         )
         assert built == public and built.is_valid and not built.is_remote
         assert built.trace_state is public.trace_state
-        assert NonRecordingSpan(public).get_span_context() == built
+        if remote is not None:
+            assert built.trace_id == remote.trace_id and built.span_id != remote.span_id
+            assert dict(built.trace_state) == dict(remote.trace_state) != {}
 
 
 def test_parent_based_fast_path_only_for_the_dropping_branch() -> None:
