@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.http_mode import ROOT, _csv, _env, _free_port, _get, parse_wrk
+from benchmarks.http_mode import Server, _csv, _get, _load
 
 __all__ = ["main", "read_dump"]
 
@@ -90,51 +90,25 @@ def _dump(pid: int, out: Path) -> dict[int, int]:
 
 
 def _wrk(port: int, path: str, seconds: int, connections: int) -> dict[str, Any]:
-    url = f"http://127.0.0.1:{port}{path}"
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed: {proc.stderr.strip()}")
-    return parse_wrk(proc.stdout)
+    return _load("wrk", port, path, seconds, connections, None)
 
 
 def _run_variant(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    port = _free_port()
-    cmd = [
-        "valgrind",
-        "--tool=callgrind",
-        "--separate-threads=yes",
-        f"--callgrind-out-file={out}/cg.%p",
-        sys.executable,
-        "-m",
-        "benchmarks._http_server",
+    valgrind = ["valgrind", "--tool=callgrind", "--separate-threads=yes"]
+    valgrind.append(f"--callgrind-out-file={out}/cg.%p")
+    server = Server(
         name,
-        "--port",
-        str(port),
-        "--loop",
         "uvloop",
-        *(["--gc-freeze"] if args.gc_freeze else []),
-    ]
-    env = {**_env(), "PYTHONHASHSEED": "0", "FASTPROF_BENCH_LOOP_THRESHOLD_S": "10"}
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        None,
+        args.gc_freeze,
+        wrapper=valgrind,
+        env={"PYTHONHASHSEED": "0", "FASTPROF_BENCH_LOOP_THRESHOLD_S": "10"},
     )
     try:
-        deadline = time.monotonic() + 300
-        info: dict[str, Any] | None = None
-        while info is None:
-            if proc.poll() is not None:
-                stdout, err = proc.communicate()
-                if proc.returncode == 3 and stdout.strip():
-                    return {"skipped": json.loads(stdout.strip().splitlines()[-1])["skipped"]}
-                raise RuntimeError(f"server exited {proc.returncode}: {err.strip()[-1500:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start under valgrind")
-            try:
-                info = _get(port, "/__bench/ping", timeout=5.0)
-            except OSError:
-                time.sleep(0.5)
-        pid = int(info["pid"])
+        server.wait_ready(timeout=300.0)
+        if server.skipped is not None:
+            return {"skipped": server.skipped}
+        port, pid = server.port, int(server.info["pid"])
         result: dict[str, Any] = {"endpoints": {}}
         for path in args.endpoints:
             if _get(port, path, timeout=30.0) != 200:
@@ -167,13 +141,7 @@ def _run_variant(name: str, args: argparse.Namespace, out: Path) -> dict[str, An
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        server.stop()
 
 
 def table(path: str, results: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -139,16 +140,27 @@ def _get(port: int, path: str, timeout: float = 10.0) -> Any:
 class Server:
     """One variant's server process."""
 
-    def __init__(self, variant: str, loop: str, cpu: int | None, gc_freeze: bool = False) -> None:
+    def __init__(
+        self,
+        variant: str,
+        loop: str,
+        cpu: int | None,
+        gc_freeze: bool = False,
+        *,
+        wrapper: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """``wrapper``: a command the server runs under (``valgrind ...``); ``env``: more
+        environment variables."""
         self.port = _free_port()
-        cmd = [sys.executable, "-m", "benchmarks._http_server", variant]
+        cmd = [*wrapper, sys.executable, "-m", "benchmarks._http_server", variant]
         cmd += ["--port", str(self.port), "--loop", loop]
         if gc_freeze:
             cmd.append("--gc-freeze")
         self.proc = subprocess.Popen(
             _pinned(cmd, cpu),
             cwd=ROOT,
-            env=_env(),
+            env={**_env(), **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
